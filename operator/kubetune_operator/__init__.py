@@ -1,0 +1,1 @@
+"""kubetune operator: reconciles FineTuneJob resources into batch/v1 Jobs."""

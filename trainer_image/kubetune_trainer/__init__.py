@@ -1,0 +1,1 @@
+"""kubetune trainer: QLoRA/LoRA SFT entrypoint and its config schema."""
