@@ -9,6 +9,7 @@ and the Go version, so a warm run builds nothing.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import re
@@ -82,6 +83,13 @@ TOOLS: dict[str, GoTool] = {
         ),
         GoTool("kwok", "kwok", "sigs.k8s.io/kwok/cmd/kwok", "sigs.k8s.io/kwok"),
         GoTool(
+            "kube-score",
+            "kube-score",
+            "github.com/zegl/kube-score/cmd/kube-score",
+            "github.com/zegl/kube-score",
+            ("-X main.version={version}",),
+        ),
+        GoTool(
             "versitygw",
             "versitygw",
             "github.com/versity/versitygw/cmd/versitygw",
@@ -115,7 +123,12 @@ def _go_version(go: str) -> str:
 
 
 def _find_go() -> str:
-    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    override = os.environ.get("KUBETUNE_GO")
+    if override:
+        go: str | None = override if Path(override).is_file() else None
+    else:
+        fallback = "/usr/local/go/bin/go"
+        go = shutil.which("go") or (fallback if Path(fallback).exists() else None)
     if go is None:
         raise ToolBuildError(
             "Go toolchain not found: install Go >= 1.26 (https://go.dev/doc/install) and put `go` on PATH"
@@ -149,10 +162,19 @@ def build(name: str, *, quiet: bool = False) -> Path:
     target = tool_path(name)
     if target.exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One build per tool at a time across processes (pytest workers, make, helpers).
+    with (target.parent / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        return _build_locked(tool, target, quiet)
+
+
+def _build_locked(tool: GoTool, target: Path, quiet: bool) -> Path:
     go = _find_go()
     version = pinned_version(tool)
     tmp = target.with_name(f".{tool.name}.tmp{os.getpid()}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-mod=mod -trimpath")
     cmd = [go, "build", "-o", str(tmp), "-ldflags", _ldflags(tool), tool.package]
     if not quiet:
@@ -163,7 +185,7 @@ def build(name: str, *, quiet: bool = False) -> Path:
         tmp.unlink(missing_ok=True)
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         hint = ""
-        if "proxy.golang.org" in proc.stderr or "dial tcp" in proc.stderr or "403" in proc.stderr:
+        if any(sign in proc.stderr for sign in ("dial tcp", "no such host", "connection refused", "i/o timeout")):
             hint = "\n(the Go module proxy could not be reached: check GOPROXY and network access)"
         raise ToolBuildError(f"building {tool.name} from {tool.module}@{version} failed:\n{tail}{hint}")
     tmp.rename(target)

@@ -1,0 +1,48 @@
+# kubetune — developer entry points. See README.md.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION ?= 0.13.8
+PYTHON ?= python3
+STATE ?= .kubetune
+# Keep the uv download cache outside the repo so a warm machine installs nothing anew.
+export UV_CACHE_DIR ?= $(HOME)/.cache/uv
+export UV_LINK_MODE ?= copy
+UV := $(shell command -v uv 2>/dev/null)
+VENV_PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup tools test lint typecheck unit cluster-up cluster-down cluster-status demo clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+setup: ## install Python deps from uv.lock into .venv (and uv itself if missing)
+	@if ! command -v uv >/dev/null 2>&1 || [ "$$(uv --version | cut -d' ' -f2)" != "$(UV_VERSION)" ]; then \
+	  $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)" || { echo "kubetune: error: could not install uv $(UV_VERSION) with '$(PYTHON) -m pip' — install Python >= 3.11 with pip"; exit 1; }; fi
+	uv sync --frozen --all-extras
+
+tools: setup ## build the pinned Go binaries (etcd, kube-apiserver, kcm, kubectl, helm, versitygw, kwok) into ~/.cache/kubetune
+	$(VENV_PY) -m kubetune_localenv build
+
+lint: setup ## ruff + mypy --strict
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+test: setup tools ## the test suite: lint, type check, then unit, API-server and end-to-end tests
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+cluster-up: setup ## start etcd, kube-apiserver, kcm, S3 and the node agent on 127.0.0.1; writes $(STATE)/kubeconfig and $(STATE)/s3.env
+	$(VENV_PY) -m kubetune_localenv up --state $(STATE)
+
+cluster-down: ## stop everything cluster-up started
+	@if [ -x $(VENV_PY) ]; then $(VENV_PY) -m kubetune_localenv down --state $(STATE); fi
+
+cluster-status: ## show what cluster-up runs
+	$(VENV_PY) -m kubetune_localenv status --state $(STATE)
+
+clean: cluster-down ## remove local state (not the caches)
+	rm -rf $(STATE) .pytest_cache .mypy_cache .ruff_cache
