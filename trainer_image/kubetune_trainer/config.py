@@ -41,9 +41,7 @@ _S3_URI = re.compile(S3_URI_PATTERN)
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -180,11 +178,20 @@ class TrainerConfig(_Model):
     reporting: ReportingSpec = ReportingSpec()
     #: GPUs requested; the trainer fails if the launched world size differs. 0 = CPU.
     gpus: Annotated[int, Field(ge=0, le=64)] = 0
+    #: Local scratch folder (an emptyDir in the pod): downloads, checkpoints before upload.
+    work_dir: str = Field(default="/tmp/kubetune", min_length=1)
 
     @model_validator(mode="after")
     def _qlora_needs_4bit(self) -> TrainerConfig:
         if self.method == "qlora" and self.quantization.bits != 4:
             raise ValueError("method 'qlora' needs quantization.bits 4")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_needs_data(self) -> TrainerConfig:
+        has_eval_data = self.dataset.validation is not None or self.dataset.validation_split > 0
+        if self.training.eval_strategy != "no" and not has_eval_data:
+            raise ValueError("training.evalStrategy needs dataset.validation or dataset.validationSplit")
         return self
 
     def to_json(self) -> str:

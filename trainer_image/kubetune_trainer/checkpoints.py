@@ -1,0 +1,169 @@
+"""Checkpoints in object storage: ``<output>/checkpoints/step-N/`` plus a marker written last.
+
+A checkpoint counts only once its marker exists, so a pod killed mid-upload
+leaves an incomplete folder that the next start ignores and deletes. The newest
+complete checkpoint is where a restarted pod resumes; ``saveTotalLimit`` is
+applied to the complete ones in storage as well as on local disk.
+"""
+
+# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .storage import ObjectStore, join_uri
+
+log = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    step: int
+    uri: str
+
+
+def checkpoints_uri(output_uri: str) -> str:
+    return join_uri(output_uri, "checkpoints")
+
+
+def list_checkpoints(
+    store: ObjectStore, output_uri: str
+) -> tuple[list[RemoteCheckpoint], list[RemoteCheckpoint]]:
+    """``(complete, incomplete)`` checkpoints, each sorted by step."""
+    base = checkpoints_uri(output_uri)
+    complete: list[RemoteCheckpoint] = []
+    incomplete: list[RemoteCheckpoint] = []
+    for name in store.list_folders(base):
+        match = _STEP.match(name)
+        if not match:
+            continue
+        ckpt = RemoteCheckpoint(int(match.group(1)), join_uri(base, name))
+        (complete if store.exists(join_uri(ckpt.uri, MARKER)) else incomplete).append(ckpt)
+    return sorted(complete, key=lambda c: c.step), sorted(incomplete, key=lambda c: c.step)
+
+
+def upload_checkpoint(store: ObjectStore, local_dir: Path, output_uri: str, step: int) -> RemoteCheckpoint:
+    """Upload a Trainer checkpoint folder, then its completion marker."""
+    uri = join_uri(checkpoints_uri(output_uri), f"step-{step}")
+    started = time.monotonic()
+    names = store.upload_folder(local_dir, uri)
+    marker = {"step": step, "files": len(names), "time": time.time()}
+    store.put_bytes(join_uri(uri, MARKER), json.dumps(marker).encode(), "application/json")
+    log.info(
+        "checkpoint: step %d synced to %s (%d files, %.1fs)",
+        step,
+        uri,
+        len(names),
+        time.monotonic() - started,
+    )
+    return RemoteCheckpoint(step, uri)
+
+
+def delete_checkpoint(store: ObjectStore, ckpt: RemoteCheckpoint) -> None:
+    """Delete the marker first, so a half-deleted checkpoint is never taken as complete."""
+    store.delete(join_uri(ckpt.uri, MARKER))
+    store.delete_folder(ckpt.uri)
+
+
+def prune(store: ObjectStore, output_uri: str, keep: int | None) -> list[int]:
+    """Keep the ``keep`` newest complete checkpoints; delete the rest. Returns deleted steps."""
+    if keep is None:
+        return []
+    complete, _ = list_checkpoints(store, output_uri)
+    doomed = complete[:-keep] if len(complete) > keep else []
+    for ckpt in doomed:
+        delete_checkpoint(store, ckpt)
+    if doomed:
+        log.info("checkpoint: pruned steps %s (saveTotalLimit %d)", [c.step for c in doomed], keep)
+    return [c.step for c in doomed]
+
+
+def restore_latest(store: ObjectStore, output_uri: str, local_root: Path) -> Path | None:
+    """Download the newest complete checkpoint to ``local_root/checkpoint-N``; clean up broken ones."""
+    complete, incomplete = list_checkpoints(store, output_uri)
+    for ckpt in incomplete:
+        log.warning("checkpoint: deleting incomplete %s (no %s marker)", ckpt.uri, MARKER)
+        store.delete_folder(ckpt.uri)
+    if not complete:
+        return None
+    latest = complete[-1]
+    dest = local_root / f"checkpoint-{latest.step}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    store.download_folder(latest.uri, dest)
+    (dest / MARKER).unlink(missing_ok=True)
+    log.info("checkpoint: resuming from step %d (%s)", latest.step, latest.uri)
+    return dest
+
+
+class Terminated(Exception):  # noqa: N818 -- an outcome, not a bug
+    """Training stopped on SIGTERM (after saving a checkpoint when it was training)."""
+
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        self.signum = signum
+        self.step = step
+        where = f" after saving step {step}" if step is not None else ""
+        super().__init__(f"stopped by signal {signum}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class TerminationFlag:
+    """SIGTERM while training: save a checkpoint and stop; before training: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.training = False
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+        if not self.training:
+            raise Terminated(signum)
+        if not self.requested:
+            log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self.requested = True
+
+
+def make_checkpoint_callback(
+    store: ObjectStore, output_uri: str, keep: int | None, flag: TerminationFlag
+) -> Any:
+    """A TrainerCallback that syncs every saved checkpoint and reacts to SIGTERM."""
+    from transformers import TrainerCallback
+
+    class CheckpointSync(TrainerCallback):
+        def __init__(self) -> None:
+            self.last: RemoteCheckpoint | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if flag.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.is_world_process_zero:
+                local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                self.last = upload_checkpoint(store, local, output_uri, state.global_step)
+                prune(store, output_uri, keep)
+            return control
+
+    return CheckpointSync()

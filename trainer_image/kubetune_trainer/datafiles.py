@@ -1,0 +1,171 @@
+"""Read dataset files (jsonl, json, csv, parquet) into records that know where they came from.
+
+Nothing here needs torch: a malformed file fails the job in a second, before
+any model is loaded. Problems are collected (not raised one by one) so that one
+run reports the first N of them, each as ``"<file> line <n>: <what>"``.
+"""
+
+# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidDataError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One dataset row and its location (``"train.jsonl line 17"``)."""
+
+    where: str
+    data: dict[str, Any]
+
+
+@dataclass
+class ReadResult:
+    records: list[Record] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _decode_utf8(name: str, raw: bytes) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = raw[exc.start : exc.start + 1].hex()
+        raise InvalidDataError(
+            [f"{name} line {line}: not valid UTF-8 (byte 0x{bad} at column {column})"]
+        ) from exc
+    return text.removeprefix("\ufeff")
+
+
+def _json_lines(name: str, text: str) -> ReadResult:
+    result = ReadResult()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{name} line {number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            result.problems.append(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(value, dict):
+            result.problems.append(f"{where}: record must be a JSON object, got {type(value).__name__}")
+            continue
+        result.records.append(Record(where, value))
+    return result
+
+
+def _json_array(name: str, text: str) -> ReadResult:
+    """A JSON array of objects, decoded element by element so each keeps its line number."""
+    result = ReadResult()
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    size = len(text)
+    while True:
+        while pos < size and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= size:
+            result.problems.append(f"{name} line {_line_of(text, pos)}: invalid JSON (unterminated array)")
+            return result
+        if text[pos] == "]":
+            break
+        where = f"{name} line {_line_of(text, pos)}"
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            result.problems.append(
+                f"{name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+            )
+            return result  # cannot resynchronise inside a broken array
+        if not isinstance(value, dict):
+            result.problems.append(f"{where}: record must be a JSON object, got {type(value).__name__}")
+            continue
+        result.records.append(Record(where, value))
+    if text[pos + 1 :].strip():
+        result.problems.append(f"{name} line {_line_of(text, pos + 1)}: unexpected data after the JSON array")
+    return result
+
+
+def _csv(name: str, text: str) -> ReadResult:
+    result = ReadResult()
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return result
+    except csv.Error as exc:
+        result.problems.append(f"{name} line 1: invalid CSV header ({exc})")
+        return result
+    last_line = reader.line_num
+    while True:
+        start = last_line + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            result.problems.append(f"{name} line {start}: invalid CSV ({exc})")
+            break
+        last_line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{name} line {start}"
+        if len(row) != len(header):
+            result.problems.append(f"{where}: expected {len(header)} columns, got {len(row)}")
+            continue
+        # An empty cell is a missing value: CSV cannot tell "" from null.
+        data = {key: value for key, value in zip(header, row, strict=True) if value != ""}
+        result.records.append(Record(where, data))
+    return result
+
+
+def _parquet(name: str, path: Path) -> ReadResult:
+    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidDataError([f"{name} line 1: not a readable Parquet file ({exc})"]) from exc
+    result = ReadResult()
+    for number, row in enumerate(table.to_pylist(), start=1):
+        data = {key: value for key, value in row.items() if value is not None}
+        result.records.append(Record(f"{name} row {number}", data))
+    return result
+
+
+def read_records(path: Path, name: str | None = None) -> ReadResult:
+    """Read ``path`` by its suffix; ``name`` is how messages refer to the file."""
+    name = name or path.name
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        supported = ", ".join(SUPPORTED_SUFFIXES)
+        raise InvalidDataError([f"{name}: unsupported file type {suffix!r} (supported: {supported})"])
+    if suffix == ".parquet":
+        result = _parquet(name, path)
+    else:
+        text = _decode_utf8(name, path.read_bytes())
+        if suffix == ".csv":
+            result = _csv(name, text)
+        elif suffix == ".json" and text.lstrip().startswith("["):
+            result = _json_array(name, text)
+        else:
+            result = _json_lines(name, text)
+    if not result.records and not result.problems:
+        raise InvalidDataError([f"{name} line 1: no records (the file is empty)"])
+    return result

@@ -1,0 +1,55 @@
+"""Errors that end the trainer with a specific exit code the operator understands."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_WORLD_SIZE_MISMATCH
+
+
+class TrainerError(Exception):
+    """Base class: an error with the process exit code that reports it."""
+
+    exit_code: int = 1
+
+
+class InvalidDataError(TrainerError):
+    """Bad records, or input objects that are missing or unreadable: permanent, never retried.
+
+    ``problems`` are lines like ``"train.jsonl line 17: missing 'output'"``;
+    ``total`` counts every problem found, of which only the first few are listed.
+    """
+
+    exit_code = EXIT_INVALID_DATA
+
+    def __init__(self, problems: Sequence[str], total: int | None = None) -> None:
+        self.problems = list(problems)
+        self.total = total if total is not None else len(self.problems)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        lines = list(self.problems)
+        if self.total > len(self.problems):
+            lines.append(f"... and {self.total - len(self.problems)} more problem(s)")
+        return "invalid data:\n  " + "\n  ".join(lines)
+
+
+class ObjectAccessError(InvalidDataError):
+    """An object that must exist is missing, or the credentials may not read or write it."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri = uri
+        self.reason = reason
+        super().__init__([f"{uri}: {reason}"])
+
+
+class InvalidConfigError(TrainerError):
+    """The config file is unreadable or inconsistent with the hardware."""
+
+    exit_code = EXIT_INVALID_CONFIG
+
+
+class WorldSizeMismatchError(TrainerError):
+    """The launcher started a different number of processes than GPUs were requested."""
+
+    exit_code = EXIT_WORLD_SIZE_MISMATCH

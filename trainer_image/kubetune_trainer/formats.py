@@ -1,0 +1,144 @@
+"""Dataset formats: detect, check every record, and convert to TRL's SFT row shapes.
+
+=================  ==========================================  ===========================
+format             fields (renamable via ``fieldMapping``)      trains on
+=================  ==========================================  ===========================
+alpaca             instruction, input (optional), output        the output only
+chat               messages: [{role, content}, ...]             the assistant turns only
+prompt_completion  prompt, completion                           the completion only
+text               text                                         every token
+=================  ==========================================  ===========================
+
+Pure Python: no tokenizer needed to find a malformed record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from .config import FieldMapping
+
+ConcreteFormat = Literal["alpaca", "chat", "prompt_completion", "text"]
+ROLES = ("system", "user", "assistant")
+
+
+def detect_format(record: Mapping[str, Any], fields: FieldMapping) -> ConcreteFormat | None:
+    """The format a record's keys suggest, most specific first; None if none fits."""
+    keys = set(record)
+    if fields.messages in keys:
+        return "chat"
+    if {fields.prompt, fields.completion} <= keys:
+        return "prompt_completion"
+    if {fields.instruction, fields.output} <= keys:
+        return "alpaca"
+    if fields.text in keys:
+        return "text"
+    return None
+
+
+def describe_formats(fields: FieldMapping) -> str:
+    return (
+        f"chat ('{fields.messages}'), prompt_completion ('{fields.prompt}' + '{fields.completion}'), "
+        f"alpaca ('{fields.instruction}' + '{fields.output}'), text ('{fields.text}')"
+    )
+
+
+def _string(record: Mapping[str, Any], name: str, *, required: bool, allow_empty: bool = False) -> list[str]:
+    if name not in record:
+        return [f"missing '{name}'"] if required else []
+    value = record[name]
+    if not isinstance(value, str):
+        return [f"field '{name}' must be a string, got {type(value).__name__}"]
+    if not allow_empty and not value.strip():
+        return [f"field '{name}' is empty"]
+    return []
+
+
+def _messages(record: Mapping[str, Any], name: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Check a ``messages`` field; CSV cells may hold it as a JSON string."""
+    if name not in record:
+        return [f"missing '{name}'"], []
+    value = record[name]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            return [f"field '{name}' is not a JSON list of messages ({exc.msg})"], []
+    if not isinstance(value, list):
+        return [f"field '{name}' must be a list of messages, got {type(value).__name__}"], []
+    if not value:
+        return [f"field '{name}' is empty"], []
+    problems: list[str] = []
+    messages: list[dict[str, str]] = []
+    for index, message in enumerate(value):
+        at = f"{name}[{index}]"
+        if not isinstance(message, dict):
+            problems.append(f"field '{at}' must be an object with role and content")
+            continue
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            problems.append(f"field '{at}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            kind = "missing" if content is None else type(content).__name__
+            problems.append(f"field '{at}.content' must be a string, got {kind}")
+        elif role == "assistant" and not content.strip():
+            problems.append(f"field '{at}.content' is empty")
+        if isinstance(role, str) and isinstance(content, str):
+            messages.append({"role": role, "content": content})
+    if not problems and not any(m["role"] == "assistant" for m in messages):
+        problems.append(f"field '{name}' has no assistant message to learn from")
+    return problems, messages
+
+
+def check_record(fmt: ConcreteFormat, record: Mapping[str, Any], fields: FieldMapping) -> list[str]:
+    """Every problem with one record, as ``"missing 'output'"``-style phrases."""
+    if fmt == "alpaca":
+        return (
+            _string(record, fields.instruction, required=True)
+            + _string(record, fields.input, required=False, allow_empty=True)
+            + _string(record, fields.output, required=True)
+        )
+    if fmt == "chat":
+        return _messages(record, fields.messages)[0]
+    if fmt == "prompt_completion":
+        return _string(record, fields.prompt, required=True) + _string(
+            record, fields.completion, required=True
+        )
+    return _string(record, fields.text, required=True)
+
+
+def alpaca_prompt(instruction: str, input_text: str) -> str:
+    """The user turn built from an alpaca record: the instruction, then the input if any."""
+    return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+
+
+def to_example(fmt: ConcreteFormat, record: Mapping[str, Any], fields: FieldMapping) -> dict[str, Any]:
+    """Convert a checked record to a TRL row: conversational for alpaca/chat, strings otherwise.
+
+    alpaca -> ``{"prompt": [user], "completion": [assistant]}`` (loss on the completion);
+    chat -> ``{"messages": [...]}``; prompt_completion -> ``{"prompt": str, "completion": str}``;
+    text -> ``{"text": str}``.
+    """
+    if fmt == "alpaca":
+        user = alpaca_prompt(record[fields.instruction], record.get(fields.input) or "")
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": record[fields.output]}],
+        }
+    if fmt == "chat":
+        return {"messages": _messages(record, fields.messages)[1]}
+    if fmt == "prompt_completion":
+        return {"prompt": record[fields.prompt], "completion": record[fields.completion]}
+    return {"text": record[fields.text]}
+
+
+def split_last_assistant_turn(messages: list[dict[str, str]]) -> dict[str, Any]:
+    """``messages`` as a conversational prompt/completion pair ending at the last assistant turn.
+
+    Used when the chat template cannot mark assistant tokens: the loss then covers
+    only the final assistant turn, earlier turns are context.
+    """
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}

@@ -1,0 +1,99 @@
+"""Hardware decisions: numeric precision and the launched world size.
+
+The decisions are pure functions of a :class:`Hardware` description so they can
+be tested without a GPU; :func:`probe` fills it in from torch at run time.
+"""
+
+# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .config import Precision
+from .errors import InvalidConfigError, WorldSizeMismatchError
+
+ResolvedPrecision = Literal["bf16", "fp16", "fp32"]
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    cuda_bf16: bool
+    cpu_bf16: bool
+    device_name: str
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: ResolvedPrecision
+    reason: str
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[self.precision]
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any(flag in text.split() for flag in _CPU_BF16_FLAGS)
+
+
+def probe() -> Hardware:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return Hardware(
+        cuda=cuda,
+        cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        cpu_bf16=cpu_has_native_bf16(),
+        device_name=torch.cuda.get_device_name(0) if cuda else "cpu",
+    )
+
+
+def choose_precision(requested: Precision, hw: Hardware) -> PrecisionChoice:
+    """bf16 where the device runs it natively, fp16 on older GPUs, fp32 on other CPUs."""
+    if requested == "auto":
+        if hw.cuda:
+            if hw.cuda_bf16:
+                return PrecisionChoice("bf16", f"auto: {hw.device_name} supports bf16")
+            return PrecisionChoice("fp16", f"auto: {hw.device_name} lacks bf16, using fp16 mixed precision")
+        if hw.cpu_bf16:
+            return PrecisionChoice("bf16", "auto: CPU has native bf16 (avx512_bf16/amx_bf16)")
+        return PrecisionChoice("fp32", "auto: CPU without native bf16; bf16 would be emulated and slow")
+    if requested == "fp16" and not hw.cuda:
+        raise InvalidConfigError("training.precision fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU")
+    if requested == "bf16" and hw.cuda and not hw.cuda_bf16:
+        raise InvalidConfigError(
+            f"training.precision bf16 requested but {hw.device_name} does not support bf16"
+        )
+    return PrecisionChoice(requested, f"requested {requested} in the config")
+
+
+def launched_world_size() -> int:
+    """Processes started by the launcher (``accelerate launch``/torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_world_size(gpus: int, world_size: int, visible_gpus: int) -> None:
+    """Fail when the launch does not match the GPUs requested (accelerate can fall back to 1)."""
+    if gpus == 0:
+        if world_size != 1:
+            raise WorldSizeMismatchError(f"gpus is 0 (CPU) but {world_size} processes were launched")
+        return
+    if visible_gpus < gpus:
+        raise WorldSizeMismatchError(
+            f"{gpus} GPU(s) requested but only {visible_gpus} visible to the process"
+        )
+    if world_size != gpus:
+        raise WorldSizeMismatchError(
+            f"{gpus} GPU(s) requested but the launcher started {world_size} process(es); "
+            f"run `accelerate launch --num_processes {gpus}`"
+        )

@@ -1,0 +1,187 @@
+"""Progress to the FineTuneJob's ``status.progress``, and the final summary to the termination log.
+
+Reporting is best effort: training never fails because the API server is
+unreachable or the ServiceAccount lacks a permission; the first failure is
+logged once, later ones silently retried at the next interval.
+"""
+
+# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .config import ReportingSpec
+
+log = logging.getLogger(__name__)
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+PLURAL = "finetunejobs"
+#: Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class JobRef:
+    namespace: str
+    name: str
+
+
+def job_ref(spec: ReportingSpec, environ: dict[str, str] | None = None) -> JobRef | None:
+    """The FineTuneJob to report to: config first, then KUBETUNE_JOB_NAME/NAMESPACE; None if unknown."""
+    env = os.environ if environ is None else environ
+    name = spec.name or env.get("KUBETUNE_JOB_NAME")
+    if not name:
+        return None
+    namespace = spec.namespace or env.get("KUBETUNE_JOB_NAMESPACE") or _pod_namespace() or "default"
+    return JobRef(namespace=namespace, name=name)
+
+
+def _pod_namespace() -> str | None:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_patcher(ref: JobRef) -> Callable[[dict[str, Any]], None]:
+    """A function that merge-patches ``status.progress`` of ``ref``.
+
+    Uses the pod's ServiceAccount (in-cluster), or ``$KUBECONFIG`` when set.
+    """
+    from kubernetes import client, config
+
+    if os.environ.get("KUBECONFIG"):
+        api_client = config.new_client_from_config(os.environ["KUBECONFIG"])  # type: ignore[no-untyped-call]
+    else:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        api_client = client.ApiClient()
+    api = client.CustomObjectsApi(api_client)
+
+    def patch(progress: dict[str, Any]) -> None:
+        api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": {"progress": progress}}
+        )
+
+    return patch
+
+
+@dataclass
+class ProgressReporter:
+    """Throttled, failure-tolerant progress reporting."""
+
+    send: Callable[[dict[str, Any]], None]
+    interval: float
+    clock: Callable[[], float] = time.monotonic
+    last_sent: float | None = None
+    failed_once: bool = False
+    latest: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, progress: dict[str, Any], *, force: bool = False) -> bool:
+        """Merge ``progress`` into the latest state; send it if due. Returns True if sent."""
+        self.latest.update({k: v for k, v in progress.items() if v is not None})
+        now = self.clock()
+        if not force and self.last_sent is not None and now - self.last_sent < self.interval:
+            return False
+        self.last_sent = now
+        try:
+            self.send({**self.latest, "updateTime": now_rfc3339()})
+        except Exception as exc:  # reporting must never fail training
+            if not self.failed_once:
+                log.warning("progress: could not patch the FineTuneJob status (%s); training continues", exc)
+                self.failed_once = True
+            return False
+        return True
+
+
+def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable[[], str | None]) -> Any:
+    """A TrainerCallback feeding ``reporter`` from the Trainer's logs."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.start_time = time.monotonic()
+            self.start_step = 0
+            self.start_tokens = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            self.start_time = time.monotonic()
+            self.start_step = state.global_step
+            self.start_tokens = state.num_input_tokens_seen or 0
+            if state.is_world_process_zero:
+                reporter.update({"step": state.global_step, "totalSteps": state.max_steps}, force=True)
+            return control
+
+        def _rates(self, state: Any) -> dict[str, Any]:
+            elapsed = max(time.monotonic() - self.start_time, 1e-6)
+            steps = state.global_step - self.start_step
+            tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
+            eta = (state.max_steps - state.global_step) * elapsed / steps if steps > 0 else None
+            return {
+                "tokensPerSecond": round(tokens / elapsed, 2) if tokens else None,
+                "etaSeconds": round(eta) if eta is not None else None,
+            }
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+            if not state.is_world_process_zero:
+                return control
+            logs = logs or {}
+            reporter.update(
+                {
+                    "step": state.global_step,
+                    "totalSteps": state.max_steps,
+                    "epoch": round(float(state.epoch or 0.0), 4),
+                    "loss": logs.get("loss"),
+                    "evalLoss": logs.get("eval_loss"),
+                    "learningRate": logs.get("learning_rate"),
+                    "lastCheckpoint": last_checkpoint(),
+                    **self._rates(state),
+                }
+            )
+            return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.is_world_process_zero:
+                reporter.update({"step": state.global_step, "lastCheckpoint": last_checkpoint()}, force=True)
+            return control
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.is_world_process_zero:
+                reporter.update({"step": state.global_step, **self._rates(state)}, force=True)
+            return control
+
+    return ProgressCallback()
+
+
+def write_termination_message(path: str, summary: dict[str, Any]) -> None:
+    """Write ``summary`` as compact JSON, dropping detail until it fits Kubernetes' 4 KiB limit."""
+    data = dict(summary)
+    text = json.dumps(data, separators=(",", ":"), default=str)
+    for key in ("lossHistory", "dataStats", "error"):
+        if len(text.encode()) < TERMINATION_MESSAGE_LIMIT:
+            break
+        if key in data:
+            if key == "error":
+                data[key] = str(data[key])[:1000]
+            else:
+                data.pop(key)
+            text = json.dumps(data, separators=(",", ":"), default=str)
+    encoded = text.encode()[: TERMINATION_MESSAGE_LIMIT - 1]
+    try:
+        Path(path).write_bytes(encoded)
+    except OSError as exc:
+        log.warning("could not write the termination message to %s: %s", path, exc)

@@ -1,0 +1,207 @@
+"""S3-compatible object storage: the trainer's only way in and out.
+
+boto3 does the work: botocore's ``standard`` retry mode (throttling, 5xx and
+connection errors with backoff) and s3transfer's multipart uploads/downloads.
+Credentials come from the environment (``AWS_*`` variables, a mounted web
+identity token, an instance profile), never from the config.
+"""
+
+# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import StorageSpec, split_s3_uri
+from .errors import ObjectAccessError
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+#: Error codes that no retry can fix: the object or bucket is missing, or access is denied.
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+_MULTIPART_CHUNK = 64 * 1024 * 1024
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``join_uri("s3://b/out", "checkpoints", "step-5")`` -> ``"s3://b/out/checkpoints/step-5"``."""
+    pieces = [base.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+    return "/".join(pieces)
+
+
+def _error_code(exc: Exception) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None
+
+
+@dataclass
+class ObjectStore:
+    """A thin typed layer over one boto3 S3 client."""
+
+    client: S3Client
+    transfer: TransferConfig
+
+    @classmethod
+    def from_spec(cls, spec: StorageSpec) -> ObjectStore:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        config = Config(
+            region_name=spec.region,
+            retries={"mode": "standard", "max_attempts": spec.max_attempts},
+            s3={"addressing_style": spec.addressing_style},
+            connect_timeout=10,
+            read_timeout=120,
+            # Many S3-compatible servers reject the CRC trailers newer botocore sends by default.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        client = boto3.session.Session().client("s3", endpoint_url=spec.endpoint, config=config)
+        transfer = TransferConfig(
+            multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_MULTIPART_CHUNK, max_concurrency=8
+        )
+        return cls(client=client, transfer=transfer)
+
+    def _wrap(self, exc: Exception, uri: str) -> Exception:
+        code = _error_code(exc)
+        if code in _NOT_FOUND:
+            return ObjectAccessError(uri, f"not found ({code})")
+        if code in _DENIED:
+            return ObjectAccessError(uri, f"access denied ({code})")
+        return exc
+
+    # -- reading ---------------------------------------------------------------
+    def download_file(self, uri: str, dest: Path) -> Path:
+        """Download one object to ``dest`` (multipart for large objects)."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(bucket, key, str(dest), Config=self.transfer)
+        except ClientError as exc:
+            raise self._wrap(exc, uri) from exc
+        return dest
+
+    def list_keys(self, prefix_uri: str) -> Iterator[tuple[str, int]]:
+        """Every ``(key, size)`` under ``prefix_uri`` (treated as a folder)."""
+        from botocore.exceptions import ClientError
+
+        bucket, prefix = split_s3_uri(prefix_uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"], obj.get("Size", 0)
+        except ClientError as exc:
+            raise self._wrap(exc, prefix_uri) from exc
+
+    def list_folders(self, prefix_uri: str) -> list[str]:
+        """Names of the immediate sub-folders of ``prefix_uri``."""
+        from botocore.exceptions import ClientError
+
+        bucket, prefix = split_s3_uri(prefix_uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        names: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    names.append(common["Prefix"][len(prefix) :].rstrip("/"))
+        except ClientError as exc:
+            raise self._wrap(exc, prefix_uri) from exc
+        return names
+
+    def download_folder(self, prefix_uri: str, dest: Path) -> list[Path]:
+        """Download every object under ``prefix_uri`` into ``dest``, keeping relative paths."""
+        bucket, prefix = split_s3_uri(prefix_uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        paths: list[Path] = []
+        for key, _size in self.list_keys(prefix_uri):
+            rel = key[len(prefix) :]
+            if not rel or rel.endswith("/"):
+                continue
+            paths.append(self.download_file(f"s3://{bucket}/{key}", dest / rel))
+        if not paths:
+            raise ObjectAccessError(prefix_uri, "no objects under this prefix")
+        return paths
+
+    def exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND:
+                return False
+            raise self._wrap(exc, uri) from exc
+        return True
+
+    def get_bytes(self, uri: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            raise self._wrap(exc, uri) from exc
+
+    # -- writing ---------------------------------------------------------------
+    def upload_file(self, path: Path, uri: str) -> None:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.client.upload_file(str(path), bucket, key, Config=self.transfer)
+        except (ClientError, S3UploadFailedError) as exc:
+            raise self._wrap(exc, uri) from exc
+
+    def upload_folder(self, folder: Path, prefix_uri: str) -> list[str]:
+        """Upload every file under ``folder``; return the relative names, sorted."""
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        for name in names:
+            self.upload_file(folder / name, join_uri(prefix_uri, name))
+        return names
+
+    def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+        except ClientError as exc:
+            raise self._wrap(exc, uri) from exc
+
+    def delete(self, uri: str) -> None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            raise self._wrap(exc, uri) from exc
+
+    def delete_folder(self, prefix_uri: str) -> int:
+        """Delete every object under ``prefix_uri``; return how many."""
+        bucket, _ = split_s3_uri(prefix_uri)
+        keys = [key for key, _ in self.list_keys(prefix_uri)]
+        for start in range(0, len(keys), 1000):
+            batch: Any = [{"Key": k} for k in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
