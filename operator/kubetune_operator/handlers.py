@@ -1,0 +1,154 @@
+"""kopf handlers: thin, named ``<kind>_<event>``; each one calls :meth:`Reconciler.sync`.
+
+No deletion handlers and no timers or daemons: kopf therefore puts no finalizer on a
+FineTuneJob, and deleting one never waits for the operator (owner references let the garbage
+collector remove the children). Handler state lives in ``kubetune.dev/*`` annotations.
+
+Run with ``python -m kubetune_operator`` (reads the KUBETUNE_* environment), or
+``kopf run -m kubetune_operator.handlers --all-namespaces`` (settings from the same environment).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, cast
+
+import kopf
+from prometheus_client import start_http_server
+
+from . import names
+from .kube import Kube, new_api_client
+from .metrics import Metrics
+from .reconcile import Outcome, Reconciler
+from .settings import OperatorConfig, configure, from_env
+from .status import FAILED
+
+FTJ = (names.GROUP, names.VERSION, names.PLURAL)
+_EVENT_MESSAGE_LIMIT = 1000
+#: Pending reasons that need a human (posted as Warning events).
+WARNING_REASONS = frozenset(
+    {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError"}
+)
+
+
+@kopf.on.startup()
+def operator_startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    **_: Any,
+) -> None:
+    """Apply the hardened settings and build the client, reconciler and metrics endpoint."""
+    config: OperatorConfig = memo.get("config") or from_env()
+    memo.config = config
+    configure(settings, config)
+    memo.reconciler = Reconciler(Kube(new_api_client()), config.trainer_image)
+    memo.metrics = Metrics()
+    memo.metrics_server = None
+    if config.metrics_port:
+        registry = memo.metrics.registry
+        memo.metrics_server, _thread = start_http_server(
+            config.metrics_port, config.bind_address, registry=registry
+        )
+    scope = "all namespaces" if config.clusterwide else ", ".join(config.namespaces)
+    logger.info(f"kubetune operator serving {scope}; default trainer image {config.trainer_image}")
+
+
+@kopf.on.cleanup()
+def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the metrics endpoint and close the API client's connections."""
+    server = memo.get("metrics_server")
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    reconciler = memo.get("reconciler")
+    if reconciler is not None:
+        reconciler.kube.api_client.close()
+
+
+def _reconcile(
+    memo: kopf.Memo, trigger: str, namespace: str | None, name: str | None, *, ensure_all: bool = False
+) -> None:
+    if not namespace or not name:  # FineTuneJobs, Jobs and Pods are all namespaced and named
+        return
+    metrics: Metrics = memo.metrics
+    reconciler: Reconciler = memo.reconciler
+    metrics.reconciles.labels(trigger).inc()
+    started = time.perf_counter()
+    try:
+        outcome = reconciler.sync(namespace, name, ensure_all=ensure_all)
+    except Exception:
+        metrics.errors.labels(trigger).inc()
+        raise
+    finally:
+        metrics.duration.labels(trigger).observe(time.perf_counter() - started)
+    if outcome is None:
+        metrics.phases.forget(namespace, name)
+        return
+    metrics.phases.set(namespace, name, outcome.after.phase)
+    _announce(metrics, outcome)
+
+
+def _announce(metrics: Metrics, outcome: Outcome) -> None:
+    """Kubernetes Events for created children and for phase (or pending-reason) transitions."""
+    body = kopf.Body(cast(kopf.RawBody, outcome.ftj))
+    if outcome.created:
+        kopf.event(body, type="Normal", reason="Created", message=f"created {', '.join(outcome.created)}")
+    before, after = outcome.before, outcome.after
+    if before is not None and (before.phase, before.reason) == (after.phase, after.reason):
+        return
+    if before is None or before.phase != after.phase:
+        metrics.transitions.labels(after.phase).inc()
+    message = f"{after.reason}: {after.message}"[:_EVENT_MESSAGE_LIMIT]
+    warning = after.phase == FAILED or after.reason in WARNING_REASONS
+    kopf.event(body, type="Warning" if warning else "Normal", reason=after.phase, message=message)
+
+
+@kopf.on.create(*FTJ)
+def finetunejob_create(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A new FineTuneJob: create its children and its first status."""
+    _reconcile(memo, "create", namespace, name)
+
+
+@kopf.on.resume(*FTJ)
+def finetunejob_resume(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Operator start: adopt what exists, re-create any missing child, recompute status."""
+    _reconcile(memo, "resume", namespace, name, ensure_all=True)
+
+
+@kopf.on.update(*FTJ, field="spec")
+def finetunejob_update(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """suspend or lifecycle edited (the rest of the spec is immutable): align the Job."""
+    _reconcile(memo, "update", namespace, name)
+
+
+@kopf.on.event(*FTJ)
+def finetunejob_event(
+    event: kopf.RawEvent, namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """Any change, including the trainer's progress reports and every watch re-list: resync status."""
+    if event.get("type") == "DELETED":
+        memo.metrics.phases.forget(namespace or "", name or "")
+        memo.reconciler.forget(namespace or "", name or "")
+        return
+    _reconcile(memo, "finetunejob", namespace, name)
+
+
+@kopf.on.event(
+    "batch",
+    "v1",
+    "jobs",
+    labels={names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_FINETUNEJOB: kopf.PRESENT},
+)
+def job_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """The trainer Job changed: recompute its FineTuneJob's status."""
+    _reconcile(memo, "job", namespace, labels.get(names.LABEL_FINETUNEJOB))
+
+
+@kopf.on.event(
+    "v1", "pods", labels={names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_FINETUNEJOB: kopf.PRESENT}
+)
+def pod_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A trainer pod changed (scheduled, pulling, running, OOMKilled...): recompute status."""
+    _reconcile(memo, "pod", namespace, labels.get(names.LABEL_FINETUNEJOB))

@@ -1,0 +1,64 @@
+"""Names, labels and API coordinates shared by the builders, the reconciler and the handlers.
+
+Every child object's name is derived from the FineTuneJob's name alone, so that any operator
+replica, before or after a restart, looks for (and creates) exactly the same objects. The CRD's
+CEL rules cap FineTuneJob names at :data:`MAX_NAME_LENGTH` characters so that these fit in 63.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "kubetune.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+
+#: Longest suffix appended to a FineTuneJob name ("-trainer"); names are capped so the result fits 63.
+MAX_NAME_LENGTH: Final = 55
+
+#: The trainer container's name (podFailurePolicy rules and status refer to it).
+TRAINER_CONTAINER: Final = "trainer"
+#: Where the rendered trainer config is mounted, and its key in the ConfigMap.
+CONFIG_DIR: Final = "/etc/kubetune"
+CONFIG_KEY: Final = "config.json"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
+TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
+
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_FINETUNEJOB: Final = "kubetune.dev/finetunejob"
+LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+MANAGED_BY: Final = "kubetune"
+APP_NAME: Final = "kubetune-trainer"
+
+
+def job_name(ftj_name: str) -> str:
+    """The batch/v1 Job running the trainer."""
+    return f"{ftj_name}-trainer"
+
+
+def config_map_name(ftj_name: str) -> str:
+    """The ConfigMap holding the rendered trainer config."""
+    return f"{ftj_name}-config"
+
+
+def service_account_name(ftj_name: str) -> str:
+    """The trainer pod's ServiceAccount; its Role and RoleBinding share the name."""
+    return f"{ftj_name}-trainer"
+
+
+def labels(ftj_name: str) -> dict[str, str]:
+    """Labels on every child object (and on the trainer pods)."""
+    return {
+        LABEL_NAME: APP_NAME,
+        LABEL_INSTANCE: ftj_name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_FINETUNEJOB: ftj_name,
+    }
+
+
+#: Server-side label selector for the Jobs and Pods the operator watches.
+CHILD_SELECTOR: Final = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_FINETUNEJOB}"

@@ -1,0 +1,126 @@
+"""Reconciliation: read the actual state, create what is missing, write status if it changed.
+
+Sits between the pure layer (builders, status) and the kopf handlers. Every entry point is
+idempotent and level-based, so it is safe to call from any handler, any number of times, from
+any replica, before or after a restart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import builders, names, status
+from .kube import FINETUNEJOBS, JOBS, PODS, Kube
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one sync saw and did."""
+
+    ftj: Obj
+    before: status.Verdict | None
+    after: status.Verdict
+    patched: bool
+    created: tuple[str, ...] = ()
+
+
+def _verdict_of(previous: Mapping[str, Any]) -> status.Verdict | None:
+    if not previous.get("phase"):
+        return None
+    return status.Verdict(previous["phase"], previous.get("reason", ""), previous.get("message", ""))
+
+
+def _created_before(ftj: Mapping[str, Any]) -> bool:
+    previous = ftj.get("status") or {}
+    return previous.get("phase") in status.TERMINAL_PHASES or any(
+        c.get("type") == "Created" and c.get("status") == "True" for c in previous.get("conditions") or []
+    )
+
+
+def _owned_by(obj: Mapping[str, Any], ftj: Mapping[str, Any]) -> bool:
+    uid = ftj["metadata"]["uid"]
+    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+@dataclass
+class Reconciler:
+    """Reconciles FineTuneJobs through one :class:`Kube` client."""
+
+    kube: Kube
+    default_image: str
+    clock: Callable[[], datetime.datetime] = field(default=lambda: datetime.datetime.now(datetime.UTC))
+    _locks: defaultdict[tuple[str, str], threading.Lock] = field(
+        default_factory=lambda: defaultdict(threading.Lock), init=False, repr=False
+    )
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[(namespace, name)]
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop per-object state once the FineTuneJob is gone."""
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+
+    def ensure_children(self, ftj: Mapping[str, Any]) -> tuple[Obj | None, tuple[str, ...]]:
+        """Create every missing child (ConfigMap, ServiceAccount, Role, RoleBinding, Job).
+
+        Returns the Job (None if a foreign Job holds the name) and the kinds created.
+        """
+        created: list[str] = []
+        job: Obj | None = None
+        for obj in builders.children(ftj, self.default_image):
+            actual, was_created = self.kube.ensure(obj)
+            if was_created:
+                created.append(obj["kind"])
+            if obj["kind"] == "Job":
+                job = actual if _owned_by(actual, ftj) else None
+        return job, tuple(created)
+
+    def align_job(self, ftj: Mapping[str, Any], job: Obj) -> Obj:
+        """Apply spec.suspend and spec.lifecycle changes to the Job."""
+        patch = builders.job_patch(ftj, job)
+        if patch is None or status.verdict(ftj, job, []).phase in status.TERMINAL_PHASES:
+            return job
+        meta = job["metadata"]
+        return self.kube.patch(JOBS, meta["namespace"], meta["name"], patch)
+
+    def sync(self, namespace: str, name: str, *, ensure_all: bool = False) -> Outcome | None:
+        """Bring one FineTuneJob's children and status in line with reality.
+
+        The Job is created if it was never created; ``ensure_all`` also re-creates any other
+        missing child (used on create, update and operator start, not on every pod event).
+        Returns None if the FineTuneJob is gone or being deleted.
+        """
+        with self._lock(namespace, name):
+            ftj = self.kube.get(FINETUNEJOBS, namespace, name)
+            if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+                return None
+            previous: Mapping[str, Any] = ftj.get("status") or {}
+            job = self.kube.get(JOBS, namespace, names.job_name(name))
+            if job is not None and not _owned_by(job, ftj):
+                job = None  # a same-named Job of a deleted FineTuneJob, still being collected
+            created: tuple[str, ...] = ()
+            may_create = previous.get("phase") not in status.TERMINAL_PHASES
+            if (job is None and not _created_before(ftj)) or (ensure_all and job is not None and may_create):
+                job, created = self.ensure_children(ftj)
+            if job is not None:
+                job = self.align_job(ftj, job)
+            pods: list[Obj] = []
+            if job is not None:
+                selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
+                pods = self.kube.list(PODS, namespace, selector)
+            desired = status.compute(ftj, job, pods, self.clock())
+            patch = status.patch(previous, desired)
+            if patch is not None:
+                ftj = self.kube.patch(FINETUNEJOBS, namespace, name, {"status": patch}, "status")
+            after = status.Verdict(desired["phase"], desired.get("reason", ""), desired.get("message", ""))
+            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created)

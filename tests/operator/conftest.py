@@ -1,0 +1,156 @@
+"""Fixtures for the operator tests: the CRD, FineTuneJob bodies, and (for API-server tests) the
+CRD installed in the session's control plane and the operator running in-process with kopf."""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
+EXAMPLE_PATH = REPO_ROOT / "examples" / "finetunejob.yaml"
+TRAINER_IMAGE = "registry.example/kubetune/trainer:test"
+
+Obj = dict[str, Any]
+MakeFtj = Callable[..., Obj]
+
+
+def load_crd() -> Obj:
+    crd: Obj = yaml.safe_load(CRD_PATH.read_text())
+    return crd
+
+
+def openapi_schema(crd: Mapping[str, Any]) -> Obj:
+    schema: Obj = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
+    """Structural-schema defaulting as the API server does it (defaults inside defaults too)."""
+    if isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(sub, value[key])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in value:
+                if key not in (schema.get("properties") or {}):
+                    value[key] = apply_defaults(extra, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def minimal_spec() -> Obj:
+    return {
+        "model": {"source": "s3://models/tiny-llama"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://results/run-1"},
+        "resources": {"gpus": 0},
+    }
+
+
+@pytest.fixture(scope="session")
+def crd() -> Obj:
+    return load_crd()
+
+
+@pytest.fixture
+def make_ftj(crd: Obj) -> MakeFtj:
+    """``make_ftj(name=..., **spec_overrides)``: a FineTuneJob body as the API server returns it."""
+
+    def make(name: str = "demo", namespace: str = "team-a", **spec: Any) -> Obj:
+        body: Obj = {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": "0b1c2d3e-0000-4000-8000-" + secrets.token_hex(6),
+                "generation": 1,
+            },
+            "spec": {**minimal_spec(), **spec},
+        }
+        result: Obj = apply_defaults(openapi_schema(crd), body)
+        return result
+
+    return make
+
+
+# --- API-server fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def crd_installed(local_env: Any) -> Obj:
+    """The CRD applied to the session's API server and Established."""
+    local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.dev")
+    return load_crd()
+
+
+@pytest.fixture(scope="session")
+def kube(kube_api: Any) -> Any:
+    from kubetune_operator.kube import Kube
+
+    return Kube(kube_api)
+
+
+@pytest.fixture
+def operator_env(local_env: Any, namespace: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment the in-process operator reads (scoped to the test's namespace)."""
+    env = {
+        "KUBECONFIG": str(local_env.kubeconfig),
+        "KUBETUNE_NAMESPACES": namespace,
+        "KUBETUNE_TRAINER_IMAGE": TRAINER_IMAGE,
+        "KUBETUNE_METRICS_PORT": "0",
+        "KUBETUNE_HEALTH_PORT": "0",
+        "KUBETUNE_PEERING": "",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def run_operator(operator_env: dict[str, str], namespace: str, crd_installed: Obj) -> Callable[[], Any]:
+    """``with run_operator(): ...`` runs the operator (kopf, in this process) for the block."""
+    from kopf.testing import KopfRunner
+
+    def start() -> Any:
+        args = ["run", "--standalone", "--namespace", namespace, "-m", "kubetune_operator.handlers"]
+        return KopfRunner(args, timeout=30)
+
+    return start
+
+
+@pytest.fixture
+def operator(run_operator: Callable[[], Any]) -> Iterator[Any]:
+    """The operator, running for the whole test."""
+    with run_operator() as runner:
+        yield runner
+
+
+def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """``wait_for(what, probe, timeout=30)``: poll until ``probe()`` is truthy, else fail naming ``what``."""
+    return _wait_for

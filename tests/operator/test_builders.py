@@ -1,0 +1,316 @@
+"""Unit tests of the pure builders: FineTuneJob -> ConfigMap, ServiceAccount, Role, RoleBinding, Job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune_operator import builders, names
+from kubetune_trainer.config import EXIT_INVALID_DATA, TrainerConfig
+
+Obj = dict[str, Any]
+EXAMPLE_PATH = Path(__file__).resolve().parents[2] / "examples" / "finetunejob.yaml"
+TRAINER_IMAGE = "registry.example/kubetune/trainer:test"
+
+
+def _container(job: Obj) -> Obj:
+    containers: list[Obj] = job["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _env(job: Obj) -> dict[str, Obj]:
+    return {item["name"]: item for item in _container(job)["env"]}
+
+
+def test_children_have_deterministic_names_labels_and_owner(make_ftj: Any) -> None:
+    ftj = make_ftj(name="llama-chat", namespace="ml")
+    kinds = {obj["kind"]: obj for obj in builders.children(ftj, TRAINER_IMAGE)}
+
+    assert list(kinds) == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert kinds["Job"]["metadata"]["name"] == "llama-chat-trainer"
+    assert kinds["ConfigMap"]["metadata"]["name"] == "llama-chat-config"
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert kinds[kind]["metadata"]["name"] == "llama-chat-trainer"
+    for obj in kinds.values():
+        meta = obj["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["labels"] == {
+            "app.kubernetes.io/name": "kubetune-trainer",
+            "app.kubernetes.io/instance": "llama-chat",
+            "app.kubernetes.io/managed-by": "kubetune",
+            "kubetune.dev/finetunejob": "llama-chat",
+        }
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "kubetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "llama-chat",
+                "uid": ftj["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    assert kinds["Job"]["spec"]["template"]["metadata"]["labels"] == kinds["Job"]["metadata"]["labels"]
+
+
+def test_longest_allowed_name_fits_every_derived_name(make_ftj: Any) -> None:
+    ftj = make_ftj(name="x" * names.MAX_NAME_LENGTH)
+    for obj in builders.children(ftj, TRAINER_IMAGE):
+        assert len(obj["metadata"]["name"]) <= 63
+
+
+def test_config_map_renders_the_trainer_config(make_ftj: Any) -> None:
+    ftj = make_ftj(
+        name="run-7",
+        namespace="ml",
+        model={"source": "meta-llama/Llama-3.2-1B", "revision": "main", "tokenSecretRef": {"name": "hf"}},
+        dataset={"train": "s3://data/train.jsonl", "validationSplit": 0.1, "format": "chat"},
+        training={"learningRate": 0.0001, "maxSteps": 500, "evalStrategy": "steps", "evalSteps": 50},
+        storage={
+            "endpoint": "http://minio:9000",
+            "addressingStyle": "path",
+            "credentialsSecretRef": {"name": "s3"},
+        },
+        resources={"gpus": 2},
+    )
+    cm = builders.config_map(ftj)
+    assert cm["immutable"] is True
+    config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
+
+    assert config.model.source == "meta-llama/Llama-3.2-1B"
+    assert config.model.revision == "main"
+    assert config.model.token_env == "HF_TOKEN"
+    assert config.dataset.format == "chat"
+    assert config.dataset.validation_split == 0.1
+    assert config.training.learning_rate == 0.0001
+    assert config.training.max_steps == 500
+    assert config.training.eval_steps == 50
+    assert config.storage.endpoint == "http://minio:9000"
+    assert config.storage.addressing_style == "path"
+    assert config.output.uri == "s3://results/run-1"
+    assert (config.reporting.namespace, config.reporting.name) == ("ml", "run-7")
+    assert config.gpus == 2
+    # No credential material or Secret names reach the config.
+    assert "credentialsSecretRef" not in cm["data"]["config.json"]
+    assert "tokenSecretRef" not in cm["data"]["config.json"]
+
+
+def test_every_crd_default_is_accepted_by_the_trainer_config(make_ftj: Any) -> None:
+    """A FineTuneJob with every optional section defaulted by the CRD renders a valid config."""
+    config = builders.trainer_config(make_ftj())
+    assert config.method == "qlora"
+    assert config.quantization.bits == 4
+    assert config.lora.target_modules == ["all-linear"]
+    assert config.training == TrainerConfig.model_fields["training"].default
+
+
+def test_job_runs_the_trainer_with_restricted_security(make_ftj: Any) -> None:
+    job = builders.job(make_ftj(resources={"gpus": 1, "memory": "64Gi", "cpu": 8}), TRAINER_IMAGE)
+    pod = job["spec"]["template"]["spec"]
+    container = _container(job)
+
+    assert container["image"] == TRAINER_IMAGE
+    assert container["command"] == [
+        "python",
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        "/etc/kubetune/config.json",
+    ]
+    assert container["resources"] == {
+        "limits": {"nvidia.com/gpu": "1", "cpu": "8", "memory": "64Gi"},
+        "requests": {"cpu": "8", "memory": "64Gi"},
+    }
+    assert pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "demo-trainer"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/kubetune": "config", "/tmp": "scratch", "/dev/shm": "dshm"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "demo-config"
+
+
+def test_job_failure_policy_and_lifecycle(make_ftj: Any) -> None:
+    ftj = make_ftj(
+        lifecycle={"backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600}
+    )
+    spec = builders.job(ftj, TRAINER_IMAGE)["spec"]
+
+    assert spec["backoffLimit"] == 5
+    assert spec["activeDeadlineSeconds"] == 7200
+    assert spec["ttlSecondsAfterFinished"] == 600
+    assert spec["suspend"] is False
+    assert spec["podReplacementPolicy"] == "Failed"
+    fail_job, ignore = spec["podFailurePolicy"]["rules"]
+    assert fail_job["action"] == "FailJob"
+    assert fail_job["onExitCodes"]["containerName"] == "trainer"
+    assert EXIT_INVALID_DATA in fail_job["onExitCodes"]["values"]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def test_defaults_leave_optional_limits_unset(make_ftj: Any) -> None:
+    spec = builders.job(make_ftj(), TRAINER_IMAGE)["spec"]
+    assert spec["backoffLimit"] == 3
+    assert "activeDeadlineSeconds" not in spec
+    assert "ttlSecondsAfterFinished" not in spec
+
+
+def test_credentials_only_by_secret_reference(make_ftj: Any) -> None:
+    ftj = make_ftj(
+        model={"source": "org/gated-model", "tokenSecretRef": {"name": "hf-token", "key": "hf"}},
+        storage={"credentialsSecretRef": {"name": "s3-creds", "sessionTokenKey": "token"}},
+    )
+    env = _env(builders.job(ftj, TRAINER_IMAGE))
+
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "token"}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "hf"}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
+        assert "value" not in env[name]
+    assert env["KUBETUNE_JOB_NAME"] == {"name": "KUBETUNE_JOB_NAME", "value": "demo"}
+    assert env["KUBETUNE_JOB_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_no_credentials_env_without_secret_refs(make_ftj: Any) -> None:
+    env = _env(builders.job(make_ftj(), TRAINER_IMAGE))
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} & set(env)
+
+
+@pytest.mark.parametrize(
+    ("gpu_count", "command_head", "gpu_limit"),
+    [
+        (0, ["python", "-m", "kubetune_trainer"], None),
+        (1, ["python", "-m", "kubetune_trainer"], "1"),
+        (4, ["accelerate", "launch", "--num_processes", "4", "-m", "kubetune_trainer"], "4"),
+    ],
+)
+def test_gpu_count_picks_launcher_and_limits(
+    make_ftj: Any, gpu_count: int, command_head: list[str], gpu_limit: str | None
+) -> None:
+    ftj = make_ftj(resources={"gpus": gpu_count, "gpuResourceName": "amd.com/gpu"})
+    container = _container(builders.job(ftj, TRAINER_IMAGE))
+    assert container["command"][: len(command_head)] == command_head
+    assert container["command"][-2:] == ["--config", "/etc/kubetune/config.json"]
+    assert container["resources"].get("limits", {}).get("amd.com/gpu") == gpu_limit
+
+
+def test_scheduling_image_and_queue(make_ftj: Any) -> None:
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100", "h100"]}]}
+                ]
+            }
+        }
+    }
+    ftj = make_ftj(
+        scheduling={
+            "nodeSelector": {"nvidia.com/gpu.product": "A100"},
+            "tolerations": tolerations,
+            "affinity": affinity,
+            "priorityClassName": "training",
+            "queueName": "team-a",
+        },
+        image="registry.example/custom-trainer:1",
+        imagePullPolicy="Always",
+        imagePullSecrets=[{"name": "regcred"}],
+    )
+    job = builders.job(ftj, TRAINER_IMAGE)
+    pod = job["spec"]["template"]["spec"]
+
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "A100"}
+    assert pod["tolerations"] == tolerations
+    assert pod["affinity"] == affinity
+    assert pod["priorityClassName"] == "training"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert _container(job)["image"] == "registry.example/custom-trainer:1"
+    assert _container(job)["imagePullPolicy"] == "Always"
+    # Kueue: queue label on the Job, created suspended for Kueue to admit.
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["suspend"] is True
+
+
+def test_suspend_creates_the_job_suspended(make_ftj: Any) -> None:
+    assert builders.job(make_ftj(suspend=True), TRAINER_IMAGE)["spec"]["suspend"] is True
+
+
+def test_role_allows_only_this_finetunejob(make_ftj: Any) -> None:
+    role = builders.role(make_ftj(name="run-3"))
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kubetune.dev"],
+            "resources": ["finetunejobs"],
+            "resourceNames": ["run-3"],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": ["kubetune.dev"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["run-3"],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    binding = builders.role_binding(make_ftj(name="run-3", namespace="ml"))
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "run-3-trainer",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "run-3-trainer", "namespace": "ml"}]
+    assert builders.service_account(make_ftj())["automountServiceAccountToken"] is False
+
+
+def test_job_patch_aligns_only_editable_fields(make_ftj: Any) -> None:
+    ftj = make_ftj()
+    job = builders.job(ftj, TRAINER_IMAGE)
+    assert builders.job_patch(ftj, job) is None
+
+    suspended = make_ftj(suspend=True, lifecycle={"backoffLimit": 1, "activeDeadlineSeconds": 60})
+    assert builders.job_patch(suspended, job) == {
+        "spec": {"suspend": True, "backoffLimit": 1, "activeDeadlineSeconds": 60}
+    }
+    # Removing a limit clears it on the Job (null in a merge patch).
+    limited_job = builders.job(make_ftj(lifecycle={"ttlSecondsAfterFinished": 30}), TRAINER_IMAGE)
+    assert builders.job_patch(ftj, limited_job) == {"spec": {"ttlSecondsAfterFinished": None}}
+
+
+def test_job_patch_leaves_a_queued_job_to_kueue(make_ftj: Any) -> None:
+    ftj = make_ftj(scheduling={"queueName": "team-a"})
+    admitted = builders.job(ftj, TRAINER_IMAGE)
+    admitted["spec"]["suspend"] = False  # Kueue admitted it
+    assert builders.job_patch(ftj, admitted) is None
+    assert builders.job_patch(make_ftj(scheduling={"queueName": "team-a"}, suspend=True), admitted) == {
+        "spec": {"suspend": True}
+    }
+
+
+def test_example_manifest_renders(crd: Any, make_ftj: Any) -> None:
+    example = yaml.safe_load(EXAMPLE_PATH.read_text())
+    assert example["kind"] == "FineTuneJob"
+    ftj = make_ftj(name=example["metadata"]["name"], **example["spec"])
+    objects = builders.children(ftj, TRAINER_IMAGE)
+    config = json.loads(objects[0]["data"]["config.json"])
+    assert config["output"]["uri"] == example["spec"]["output"]["uri"]
