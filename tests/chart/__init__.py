@@ -1,0 +1,1 @@
+"""Helm chart, container image and GitOps tests (issue 6)."""
