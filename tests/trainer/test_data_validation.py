@@ -54,7 +54,11 @@ def test_parquet_rows_are_read(tmp_path: Path) -> None:
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(alpaca_records(3)), path)
     result = read_records(path)
-    assert [r.where for r in result.records] == ["train.parquet row 1", "train.parquet row 2", "train.parquet row 3"]
+    assert [r.where for r in result.records] == [
+        "train.parquet row 1",
+        "train.parquet row 2",
+        "train.parquet row 3",
+    ]
     assert result.records[0].data["instruction"] == "name the color after"
 
 
@@ -91,7 +95,11 @@ def test_field_mapping_renames_columns() -> None:
         ("chat", {"messages": "nope"}, "field 'messages' is not a JSON list of messages"),
         ("chat", {"messages": [{"role": "bot", "content": "x"}]}, "field 'messages[0].role' must be one of"),
         ("chat", {"messages": [{"role": "user", "content": "x"}]}, "has no assistant message"),
-        ("chat", {"messages": [{"role": "assistant", "content": 1}]}, "field 'messages[0].content' must be a string"),
+        (
+            "chat",
+            {"messages": [{"role": "assistant", "content": 1}]},
+            "field 'messages[0].content' must be a string",
+        ),
     ],
 )
 def test_check_record_names_the_field(fmt: str, record: dict[str, object], problem: str) -> None:

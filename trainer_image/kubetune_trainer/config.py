@@ -140,6 +140,12 @@ class TrainingSpec(_Model):
             raise ValueError("evalStrategy 'steps' needs evalSteps")
         return self
 
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingSpec:
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise ValueError("set either warmupRatio or warmupSteps, not both")
+        return self
+
 
 class StorageSpec(_Model):
     """S3-compatible object storage; credentials come from the environment only."""

@@ -1,0 +1,119 @@
+"""The config schema, precision choice and world-size check: pure functions, no GPU needed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from kubetune_trainer.config import EXIT_INVALID_CONFIG, TrainerConfig
+from kubetune_trainer.errors import InvalidConfigError, WorldSizeMismatchError
+from kubetune_trainer.hardware import Hardware, check_world_size, choose_precision, cpu_has_native_bf16
+
+MINIMAL = {
+    "model": {"source": "s3://models/tiny"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"uri": "s3://out/job"},
+}
+
+
+def test_minimal_config_round_trips_with_camel_case() -> None:
+    cfg = TrainerConfig.model_validate(MINIMAL)
+    again = TrainerConfig.model_validate_json(cfg.to_json())
+    assert again == cfg
+    dumped = json.loads(cfg.to_json())
+    assert dumped["workDir"] == "/tmp/kubetune"
+    assert "maxSeqLength" in dumped["training"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"training": {"evalStrategy": "steps", "evalSteps": 5}}, "needs dataset.validation"),
+        ({"training": {"warmupRatio": 0.1, "warmupSteps": 10}}, "either warmupRatio or warmupSteps"),
+        ({"method": "qlora", "quantization": {"bits": 8}}, "needs quantization.bits 4"),
+        ({"training": {"bogus": 1}}, "Extra inputs are not permitted"),
+    ],
+)
+def test_inconsistent_configs_are_rejected(patch: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TrainerConfig.model_validate({**MINIMAL, **patch})
+
+
+def test_invalid_config_file_exits_43(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**MINIMAL, "method": "full"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == EXIT_INVALID_CONFIG
+    assert "invalid config" in proc.stderr
+    assert "method" in proc.stderr
+
+
+GPU_BF16 = Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False, device_name="NVIDIA A100")
+GPU_FP16 = Hardware(cuda=True, cuda_bf16=False, cpu_bf16=False, device_name="Tesla T4")
+CPU_PLAIN = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False, device_name="cpu")
+CPU_BF16 = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=True, device_name="cpu")
+
+
+@pytest.mark.parametrize(
+    ("hw", "expected"),
+    [(GPU_BF16, "bf16"), (GPU_FP16, "fp16"), (CPU_PLAIN, "fp32"), (CPU_BF16, "bf16")],
+)
+def test_auto_precision_follows_the_hardware(hw: Hardware, expected: str) -> None:
+    choice = choose_precision("auto", hw)
+    assert choice.precision == expected
+    assert choice.reason.startswith("auto:")
+
+
+def test_explicit_precision_the_hardware_cannot_run_is_a_config_error() -> None:
+    with pytest.raises(InvalidConfigError, match="fp16 needs a CUDA GPU"):
+        choose_precision("fp16", CPU_PLAIN)
+    with pytest.raises(InvalidConfigError, match="Tesla T4 does not support bf16"):
+        choose_precision("bf16", GPU_FP16)
+    assert choose_precision("fp32", GPU_BF16).precision == "fp32"
+
+
+def test_cpu_bf16_flag_detection(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(info)
+    info.write_text("flags\t\t: fpu sse avx512f\n")
+    assert not cpu_has_native_bf16(info)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+
+
+def test_world_size_must_match_the_gpus_requested() -> None:
+    check_world_size(gpus=4, world_size=4, visible_gpus=4)
+    check_world_size(gpus=0, world_size=1, visible_gpus=0)
+    with pytest.raises(WorldSizeMismatchError, match="launcher started 1 process"):
+        check_world_size(gpus=4, world_size=1, visible_gpus=4)
+    with pytest.raises(WorldSizeMismatchError, match="only 2 visible"):
+        check_world_size(gpus=4, world_size=4, visible_gpus=2)
+    with pytest.raises(WorldSizeMismatchError, match="gpus is 0"):
+        check_world_size(gpus=0, world_size=2, visible_gpus=0)
+
+
+def test_world_size_mismatch_exits_44(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**MINIMAL, "reporting": {"terminationMessagePath": str(tmp_path / "term")}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "WORLD_SIZE": "2"},
+        check=False,
+    )
+    assert proc.returncode == 44, proc.stderr
+    summary = json.loads((tmp_path / "term").read_text())
+    assert summary["reason"] == "WorldSizeMismatchError"

@@ -1,0 +1,173 @@
+"""Malformed datasets end the trainer with exit code 42 and a precise message, before any training.
+
+Each case runs the real entrypoint as a subprocess against the real local S3
+server. The base model is never uploaded: validation must fail before the
+trainer even looks for it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from kubetune_trainer.config import EXIT_INVALID_DATA
+
+from .conftest import TrainerRun, alpaca_records, chat_records, to_jsonl
+
+pytestmark = pytest.mark.s3
+
+
+def _parquet_bytes() -> bytes:
+    return b"PAR1 this is not really parquet PAR1"
+
+
+def _csv(rows: list[list[str]]) -> bytes:
+    import csv
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode()
+
+
+@dataclass
+class Case:
+    id: str
+    files: dict[str, bytes]  # name under data/ -> content (not uploaded: missing object)
+    expect: list[str]  # substrings of the error message
+    train: str = "train.jsonl"
+    dataset: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+GOOD = alpaca_records(4)
+
+CASES = [
+    Case(
+        "invalid-json-line",
+        {"train.jsonl": to_jsonl(GOOD[:1]) + b'{"instruction": "x", "output": \n' + to_jsonl(GOOD[1:])},
+        ["train.jsonl line 2: invalid JSON"],
+    ),
+    Case(
+        "missing-field",
+        {"train.jsonl": to_jsonl([*GOOD[:2], {"instruction": "x", "input": ""}, *GOOD[2:]])},
+        ["train.jsonl line 3: missing 'output'"],
+    ),
+    Case(
+        "wrong-type",
+        {"train.jsonl": to_jsonl([{"prompt": "p", "completion": 7}])},
+        ["train.jsonl line 1: field 'completion' must be a string, got int"],
+    ),
+    Case("empty-file", {"train.jsonl": b""}, ["train.jsonl line 1: no records"]),
+    Case("blank-lines-only", {"train.jsonl": b"\n  \n\n"}, ["train.jsonl line 1: no records"]),
+    Case(
+        "empty-completion",
+        {"train.jsonl": to_jsonl([{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": "  "}])},
+        ["train.jsonl line 2: field 'completion' is empty"],
+    ),
+    Case(
+        "non-utf8",
+        {"train.jsonl": to_jsonl(GOOD[:1]) + b'{"text": "caf\xe9"}\n'},
+        ["train.jsonl line 2: not valid UTF-8 (byte 0xe9 at column 13)"],
+    ),
+    Case("missing-object", {}, ["data/train.jsonl: not found"]),
+    Case(
+        "access-denied",
+        {"train.jsonl": to_jsonl(GOOD)},
+        ["access denied"],
+        env={"AWS_SECRET_ACCESS_KEY": "wrong-secret"},
+    ),
+    Case(
+        "record-not-an-object",
+        {"train.jsonl": to_jsonl(GOOD[:1]) + b'["instruction", "output"]\n'},
+        ["train.jsonl line 2: record must be a JSON object, got list"],
+    ),
+    Case(
+        "bad-chat-role",
+        {
+            "train.jsonl": to_jsonl(
+                [
+                    *chat_records(2),
+                    {"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+                ]
+            )
+        },
+        ["train.jsonl line 3: field 'messages[0].role' must be one of system, user, assistant, got 'human'"],
+    ),
+    Case(
+        "undetectable-format",
+        {"train.jsonl": to_jsonl([{"question": "q", "answer": "a"}])},
+        ["train.jsonl line 1: cannot detect the format from fields [answer, question]"],
+    ),
+    Case(
+        "csv-missing-column",
+        {"train.csv": _csv([["instruction", "input"], ["say hi", ""], ["say bye", "now"]])},
+        ["train.csv line 2: missing 'output'", "train.csv line 3: missing 'output'"],
+        train="train.csv",
+        dataset={"format": "alpaca"},
+    ),
+    Case(
+        "csv-ragged-row",
+        {"train.csv": _csv([["prompt", "completion"], ["a", "b"], ["c", "d", "e"]])},
+        ["train.csv line 3: expected 2 columns, got 3"],
+        train="train.csv",
+    ),
+    Case(
+        "json-array-broken",
+        {"train.json": b'[\n  {"text": "a"},\n  {"text": "b",,}\n]\n'},
+        ["train.json line 3: invalid JSON"],
+        train="train.json",
+    ),
+    Case(
+        "corrupt-parquet",
+        {"train.parquet": _parquet_bytes()},
+        ["train.parquet line 1: not a readable Parquet file"],
+        train="train.parquet",
+    ),
+    Case(
+        "bad-validation-file",
+        {"train.jsonl": to_jsonl(GOOD), "val.jsonl": to_jsonl([{"instruction": "x", "output": ""}])},
+        ["val.jsonl line 1: field 'output' is empty"],
+        dataset={"validation": "VAL"},
+    ),
+    Case(
+        "field-mapping-missing-column",
+        {"train.jsonl": to_jsonl([{"question": "q", "answer": "a"}, {"question": "q2"}])},
+        ["train.jsonl line 2: missing 'answer'"],
+        dataset={"format": "alpaca", "fieldMapping": {"instruction": "question", "output": "answer"}},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_invalid_dataset_exits_42_before_training(
+    case: Case, trainer_run: TrainerRun, s3_client: Any
+) -> None:
+    bucket = trainer_run.bucket
+    for name, content in case.files.items():
+        s3_client.put_object(Bucket=bucket, Key=f"data/{name}", Body=content)
+    dataset = {"train": f"s3://{bucket}/data/{case.train}", **case.dataset}
+    if dataset.get("validation") == "VAL":
+        dataset["validation"] = f"s3://{bucket}/data/val.jsonl"
+    trainer_run.config["dataset"] = dataset
+    trainer_run.env.update(case.env)
+
+    started = time.monotonic()
+    code, log = trainer_run.run(timeout=120)
+    elapsed = time.monotonic() - started
+
+    assert code == EXIT_INVALID_DATA, log
+    for expected in case.expect:
+        assert expected in log, log
+    summary = json.loads(trainer_run.termination_path.read_text())
+    assert summary["exitCode"] == EXIT_INVALID_DATA
+    assert case.expect[0] in summary["error"]
+    # Before any training step: no model loaded, nothing written to the output.
+    assert "precision:" not in log
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="out/")
+    assert listed.get("KeyCount", 0) == 0
+    assert elapsed < 60

@@ -1,0 +1,131 @@
+"""Progress reporting: throttling and failure tolerance, and a real patch of FineTuneJob status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_trainer.config import ReportingSpec
+from kubetune_trainer.reporting import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    JobRef,
+    ProgressReporter,
+    job_ref,
+    status_patcher,
+    write_termination_message,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reporter_sends_at_most_once_per_interval() -> None:
+    sent: list[dict[str, Any]] = []
+    clock = Clock()
+    reporter = ProgressReporter(send=sent.append, interval=5.0, clock=clock)
+    assert reporter.update({"step": 1, "loss": 2.0})
+    clock.now += 1
+    assert not reporter.update({"step": 2, "loss": 1.5})
+    clock.now += 5
+    assert reporter.update({"step": 3, "evalLoss": None})
+    assert [s["step"] for s in sent] == [1, 3]
+    assert sent[1]["loss"] == 1.5  # the latest values are merged in, None values are not sent
+    assert "evalLoss" not in sent[1]
+    assert sent[1]["updateTime"].endswith("Z")
+    assert reporter.update({"step": 4}, force=True)
+
+
+def test_reporting_failures_are_logged_once_and_never_raise(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(_progress: dict[str, Any]) -> None:
+        raise ConnectionError("apiserver unreachable")
+
+    reporter = ProgressReporter(send=broken, interval=0.0)
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            assert not reporter.update({"step": step})
+    assert sum("could not patch" in r.message for r in caplog.records) == 1
+
+
+def test_job_ref_from_config_or_environment() -> None:
+    assert job_ref(ReportingSpec(), {}) is None
+    assert job_ref(ReportingSpec(), {"KUBETUNE_JOB_NAME": "a", "KUBETUNE_JOB_NAMESPACE": "ns"}) == JobRef(
+        "ns", "a"
+    )
+    assert job_ref(ReportingSpec(name="b", namespace="x"), {"KUBETUNE_JOB_NAME": "a"}) == JobRef("x", "b")
+
+
+def test_termination_message_stays_under_4kib_and_valid_json(tmp_path: Path) -> None:
+    path = tmp_path / "termination-log"
+    history = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(500)]
+    write_termination_message(str(path), {"phase": "Succeeded", "globalStep": 500, "lossHistory": history})
+    data = path.read_bytes()
+    assert len(data) < 4096
+    assert json.loads(data) == {"phase": "Succeeded", "globalStep": 500}
+
+
+@pytest.fixture
+def finetunejob(local_env: Any, kube_api: Any, namespace: str) -> JobRef:
+    """The real CRD applied to the real apiserver, and one FineTuneJob in a fresh namespace."""
+    from kubernetes import client
+
+    local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    local_env.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "progress-test"},
+        "spec": {
+            "model": {"source": "s3://models/tiny"},
+            "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/progress-test"},
+        },
+    }
+    api = client.CustomObjectsApi(kube_api)
+    deadline = time.monotonic() + 30
+    while True:  # the new CRD's REST endpoint can lag "Established" by a moment
+        try:
+            api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            break
+        except client.ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    return JobRef(namespace=namespace, name="progress-test")
+
+
+@pytest.mark.cluster
+def test_status_patcher_writes_progress_to_the_real_apiserver(
+    finetunejob: JobRef, local_env: Any, kube_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubernetes import client
+
+    monkeypatch.setenv("KUBECONFIG", str(local_env.kubeconfig))
+    reporter = ProgressReporter(send=status_patcher(finetunejob), interval=0.5)
+    assert reporter.update({"step": 3, "totalSteps": 10, "loss": 1.25, "learningRate": 0.0002, "epoch": 0.3})
+    assert reporter.update(
+        {"step": 4, "lastCheckpoint": "s3://out/progress-test/checkpoints/step-4"}, force=True
+    )
+    obj: Any = client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+        GROUP, VERSION, finetunejob.namespace, PLURAL, finetunejob.name
+    )
+    progress = obj["status"]["progress"]
+    assert progress["step"] == 4
+    assert progress["totalSteps"] == 10
+    assert progress["loss"] == 1.25
+    assert progress["lastCheckpoint"].endswith("step-4")
+    assert progress["updateTime"].endswith("Z")
