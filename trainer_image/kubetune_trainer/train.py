@@ -258,7 +258,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         "trainLoss": train_out.training_loss,
         "evalLoss": eval_loss,
         "trainRuntimeSeconds": round(train_out.metrics.get("train_runtime", 0.0), 2),
-        "tokensPerSecond": train_out.metrics.get("train_tokens_per_second"),
+        "tokensPerSecond": _last_logged(trainer.state.log_history, "train_tokens_per_second"),
         "inputTokensSeen": trainer.state.num_input_tokens_seen,
         "resumedFromStep": int(resume.name.split("-")[-1]) if resume else None,
         "dataStats": stats.as_dict(),
@@ -272,6 +272,11 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
             results.merge_adapter(source, out_dir, cfg, precision)
         results.publish(ctx.store, out_dir, cfg.output.uri)
     return {"phase": "Succeeded", "outputUri": cfg.output.uri, **_short(metrics)}
+
+
+def _last_logged(log_history: list[dict[str, Any]], key: str) -> Any:
+    """The latest value the Trainer logged for ``key`` (None if never)."""
+    return next((e[key] for e in reversed(log_history) if key in e), None)
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, Any]:
