@@ -412,8 +412,12 @@ class LocalEnv:
         )
 
     def _start_s3(self, binary: Path, timeout: float) -> None:
-        root = self.state_dir / "s3"
+        root = self.state_dir / "s3data"
         root.mkdir(exist_ok=True)
+        # Object metadata (ETags, content types) in a sidecar folder: works on any
+        # filesystem, unlike the default xattrs.
+        sidecar = self.state_dir / "s3meta-sidecar"
+        sidecar.mkdir(exist_ok=True)
         access = "kubetune" + secrets.token_hex(4)
         secret = secrets.token_urlsafe(24)
 
@@ -429,7 +433,8 @@ class LocalEnv:
                     "--port",
                     f"{LOCALHOST}:{port}",
                     "posix",
-                    "--nometa",
+                    "--sidecar",
+                    str(sidecar),
                     str(root),
                 ],
                 [port],
