@@ -218,7 +218,13 @@ def verdict(ftj: Body, job: Body | None, pods: Sequence[Body]) -> Verdict:
         if failed is not None:
             message += f"; the previous attempt failed: {pod_failure(failed)[0]}"
         return Verdict(RUNNING, "Training", message)
-    return _pending_verdict(pods)
+    pending = _pending_verdict(pods)
+    failed = _latest_failed(pods)
+    if pending.reason == "WaitingForPod" and failed is not None:
+        reason, detail = pod_failure(failed)
+        message = f"attempt {attempt} failed ({reason}: {detail}); waiting to retry"
+        return Verdict(PENDING, "Retrying", message)
+    return pending
 
 
 def _attempts(job: Body) -> int:

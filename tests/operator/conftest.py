@@ -154,3 +154,95 @@ def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, interv
 def wait_for() -> Callable[..., Any]:
     """``wait_for(what, probe, timeout=30)``: poll until ``probe()`` is truthy, else fail naming ``what``."""
     return _wait_for
+
+
+class FakeKubelet:
+    """Plays the kubelet (and the scheduler) for trainer pods: there is no node in these tests.
+
+    Pod status is written through the API exactly as a kubelet would write it.
+    """
+
+    def __init__(self, kube: Any, namespace: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+
+    def pods(self, ftj_name: str) -> list[Obj]:
+        from kubetune_operator.kube import PODS
+
+        items: list[Obj] = self.kube.list(PODS, self.namespace, f"kubetune.dev/finetunejob={ftj_name}")
+        return sorted(items, key=lambda p: p["metadata"]["creationTimestamp"])
+
+    def wait_pod(self, ftj_name: str, timeout: float = 30.0) -> Obj:
+        """The newest trainer pod that has not finished yet (the Job controller creates it)."""
+
+        def live() -> Obj | None:
+            pods = [
+                p
+                for p in self.pods(ftj_name)
+                if p.get("status", {}).get("phase") in (None, "Pending", "Running")
+                and not p["metadata"].get("deletionTimestamp")
+            ]
+            return pods[-1] if pods else None
+
+        pod: Obj = _wait_for(f"a trainer pod of {ftj_name}", live, timeout)
+        return pod
+
+    def _set(self, pod: Mapping[str, Any], phase: str, state: Obj, ready: bool = False) -> Obj:
+        from kubetune_operator.kube import PODS
+
+        container = {
+            "name": "trainer",
+            "image": pod["spec"]["containers"][0]["image"],
+            "imageID": "",
+            "ready": ready,
+            "restartCount": 0,
+            "started": "running" in state,
+            "state": state,
+        }
+        patch = {"status": {"phase": phase, "containerStatuses": [container]}}
+        result: Obj = self.kube.patch(PODS, self.namespace, pod["metadata"]["name"], patch, "status")
+        return result
+
+    @staticmethod
+    def now() -> str:
+        import datetime
+
+        return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def waiting(self, pod: Mapping[str, Any], reason: str, message: str) -> Obj:
+        return self._set(pod, "Pending", {"waiting": {"reason": reason, "message": message}})
+
+    def run(self, pod: Mapping[str, Any]) -> Obj:
+        return self._set(pod, "Running", {"running": {"startedAt": self.now()}}, ready=True)
+
+    def terminate(
+        self, pod: Mapping[str, Any], exit_code: int, reason: str = "Error", message: str = ""
+    ) -> Obj:
+        now = self.now()
+        terminated = {"exitCode": exit_code, "reason": reason, "startedAt": now, "finishedAt": now}
+        if message:
+            terminated["message"] = message
+        phase = "Succeeded" if exit_code == 0 else "Failed"
+        return self._set(pod, phase, {"terminated": terminated})
+
+
+@pytest.fixture
+def kubelet(kube: Any, namespace: str) -> FakeKubelet:
+    return FakeKubelet(kube, namespace)
+
+
+@pytest.fixture
+def create_ftj(kube: Any, namespace: str, crd_installed: Obj) -> Callable[..., Obj]:
+    """``create_ftj(name, **spec_overrides)``: create a FineTuneJob through the API; returns it."""
+
+    def create(name: str = "demo", **spec: Any) -> Obj:
+        body = {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {**minimal_spec(), **spec},
+        }
+        created: Obj = kube.create(body)
+        return created
+
+    return create

@@ -7,6 +7,7 @@ change on either side fails this test until the other follows.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,13 @@ def _resolve(prop: Mapping[str, Any], defs: Mapping[str, Any]) -> Obj:
 def _bounds(schema: Mapping[str, Any], *, openapi: bool) -> tuple[Any, bool, Any, bool]:
     """(minimum, exclusive?, maximum, exclusive?) in either OpenAPI v3.0 or JSON Schema 2020 style."""
     if openapi:
-        return (
-            schema.get("minimum"),
-            bool(schema.get("exclusiveMinimum")),
-            schema.get("maximum"),
-            bool(schema.get("exclusiveMaximum")),
-        )
+        high, high_excl = schema.get("maximum"), bool(schema.get("exclusiveMaximum"))
+        for rule in schema.get("x-kubernetes-validations", []):
+            # A CEL upper bound such as "self < 0.5" (see dataset.validationSplit in the CRD).
+            match = re.fullmatch(r"self (<=?) ([0-9.]+)", rule["rule"])
+            if match:
+                high, high_excl = float(match[2]), match[1] == "<"
+        return schema.get("minimum"), bool(schema.get("exclusiveMinimum")), high, high_excl
     low, low_excl = schema.get("minimum"), False
     if "exclusiveMinimum" in schema:
         low, low_excl = schema["exclusiveMinimum"], True

@@ -266,3 +266,11 @@ def test_patch_removes_keys_that_no_longer_apply() -> None:
 )
 def test_progress_summary(progress: Obj | None, summary: str | None) -> None:
     assert status.progress_summary(progress) == summary
+
+
+def test_waiting_to_retry_after_a_failed_attempt(make_ftj: Any) -> None:
+    ftj = make_ftj()
+    oom = _pod("Failed", terminated=_terminated(137, "OOMKilled"))
+    result = status.compute(ftj, _job(ftj, failed=1), [oom], NOW)
+    assert (result["phase"], result["reason"]) == ("Pending", "Retrying")
+    assert "OOMKilled" in result["message"]
