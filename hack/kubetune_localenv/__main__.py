@@ -53,7 +53,7 @@ def cmd_serve(state: Path, with_agent: bool) -> int:
     if with_agent:
         from .nodeagent import start_agent  # the node agent runs the pods
 
-        env.extra_start.append(lambda e: start_agent(e))
+        env.extra_start.append(start_agent)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -41,11 +41,14 @@ class LaunchError(RuntimeError):
     """A component failed to start; the message names it and shows its log's tail."""
 
 
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: ask the kernel to SIGKILL us when
-    # the parent dies, so no etcd/apiserver outlives a killed launcher.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # the parent dies, so no etcd/apiserver outlives a killed launcher. libc is
+    # loaded before the fork: only the prctl call itself runs in the child.
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def port_is_free(port: int) -> bool:
@@ -94,7 +97,7 @@ class ManagedProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (only a prctl call runs)
         )
         log.close()
 
@@ -123,9 +126,7 @@ class ManagedProcess:
             self.popen.wait(5)
 
 
-def _wait_until(
-    what: str, check: Callable[[], bool], proc: ManagedProcess | None, timeout: float
-) -> None:
+def _wait_until(what: str, check: Callable[[], bool], proc: ManagedProcess | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():

@@ -185,7 +185,9 @@ def _build_locked(tool: GoTool, target: Path, quiet: bool) -> Path:
         tmp.unlink(missing_ok=True)
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         hint = ""
-        if any(sign in proc.stderr for sign in ("dial tcp", "no such host", "connection refused", "i/o timeout")):
+        if any(
+            sign in proc.stderr for sign in ("dial tcp", "no such host", "connection refused", "i/o timeout")
+        ):
             hint = "\n(the Go module proxy could not be reached: check GOPROXY and network access)"
         raise ToolBuildError(f"building {tool.name} from {tool.module}@{version} failed:\n{tail}{hint}")
     tmp.rename(target)

@@ -70,13 +70,11 @@ def test_custom_resource_create_read_watch_and_status(
     from kubernetes import client, watch
 
     local_env.kubectl("apply", "-f", "-", input=json.dumps(WIDGET_CRD))
-    local_env.kubectl(
-        "wait", "--for=condition=Established", "crd/widgets.test.kubetune.dev", "--timeout=60s"
-    )
+    local_env.kubectl("wait", "--for=condition=Established", "crd/widgets.test.kubetune.dev", "--timeout=60s")
     custom = client.CustomObjectsApi(kube_api)
     args = ("test.kubetune.dev", "v1", namespace, "widgets")
-    body = {"apiVersion": "test.kubetune.dev/v1", "kind": "Widget", "metadata": {"name": "w1"}}
-    body["spec"] = {"size": 3}
+    body: dict[str, Any] = {"apiVersion": "test.kubetune.dev/v1", "kind": "Widget"}
+    body.update(metadata={"name": "w1"}, spec={"size": 3})
     created = custom.create_namespaced_custom_object(*args, body)
     assert custom.get_namespaced_custom_object(*args, "w1")["spec"] == {"size": 3}
 
@@ -197,7 +195,9 @@ def test_s3_multipart_upload_list_and_download(s3_client: Any, bucket: str, tmp_
     assert dst.read_bytes() == payload
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kubetune_localenv", *args],
         capture_output=True,
@@ -228,7 +228,8 @@ def test_cluster_up_and_down_leave_no_process(tmp_path: Path) -> None:
     assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "versitygw"}
     s3_env = dict(line.split("=", 1) for line in (state / "s3.env").read_text().splitlines())
     assert s3_env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-    assert set(s3_env) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    expected = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    assert set(s3_env) == expected
     assert _cli("status", "--state", str(state)).returncode == 0
 
     down = _cli("down", "--state", str(state))
