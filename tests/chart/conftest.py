@@ -127,3 +127,43 @@ def watched_namespaces(local_env: Any) -> Iterator[list[str]]:
     finally:
         for name in names:
             local_env.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@dataclass
+class Kubectl:
+    """The pinned kubectl against the local control plane, as its admin or impersonating someone."""
+
+    binary: Path
+    kubeconfig: Path
+
+    def run(
+        self, *args: str, stdin: str | None = None, as_user: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.binary), f"--kubeconfig={self.kubeconfig}"]
+        if as_user:
+            argv.append(f"--as={as_user}")
+        return subprocess.run(
+            [*argv, *args], capture_output=True, text=True, input=stdin, timeout=120, check=False
+        )
+
+    def ok(self, *args: str, stdin: str | None = None) -> str:
+        proc = self.run(*args, stdin=stdin)
+        assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
+        return proc.stdout
+
+    def json(self, *args: str) -> Any:
+        import json
+
+        return json.loads(self.ok(*args, "-o", "json"))
+
+    def can_i(self, user: str, verb: str, resource: str, *scope: str) -> bool:
+        """``kubectl auth can-i`` as ``user`` (``scope``: -n NS, --all-namespaces, --subresource=...)."""
+        proc = self.run("auth", "can-i", verb, resource, *scope, "--as", user)
+        answer = proc.stdout.strip()
+        assert answer in {"yes", "no"}, f"can-i {verb} {resource} {scope}: {proc.stdout} {proc.stderr}"
+        return answer == "yes"
+
+
+@pytest.fixture(scope="session")
+def kubectl(local_env: Any) -> Kubectl:
+    return Kubectl(tools.build("kubectl", quiet=True), Path(local_env.kubeconfig))

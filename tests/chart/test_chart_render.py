@@ -125,10 +125,11 @@ def test_default_render(helm: Helm) -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
-    assert container["resources"]["requests"]["memory"] == "192Mi"
-    assert container["resources"]["limits"]["memory"] == "512Mi"
+    assert container["resources"]["requests"]["memory"] == "256Mi"
+    assert container["resources"]["limits"]["memory"] == "256Mi"
+    assert container["resources"]["limits"]["cpu"] == "1"
     assert container_env(deploy) == {
         "KUBETUNE_NAMESPACES": "",
         "KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:0.1.0",
