@@ -1,0 +1,223 @@
+"""Start one container process for the node agent: the "container runtime".
+
+Run as ``python nodeagent_exec.py SPEC.json`` (standard library only, so it starts
+fast and needs nothing on ``sys.path``).  It is a separate, single-threaded
+process because setting up namespaces between ``fork`` and ``exec`` is not safe
+from the agent's own multi-threaded process.
+
+Steps:
+
+1. ``PR_SET_PDEATHSIG`` = SIGKILL, so this helper dies with the agent.
+2. ``unshare(CLONE_NEWNS)``, make every mount private, then bind-mount each
+   volume at its mountPath (read-only ones remounted read-only).  Mount points
+   that do not exist on the host are created there (empty dirs/files).
+3. ``unshare(CLONE_NEWPID)`` and fork: the child is PID 1 of a new PID namespace,
+   gets its own ``/proc``, a new session, ``PR_SET_PDEATHSIG`` = SIGKILL, and
+   execs the container command.  When PID 1 exits, the kernel kills every other
+   process in the namespace, so no grandchild outlives its container.
+4. The helper forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to PID 1
+   (like a container runtime, and like PID 1 in a container a process that has no
+   handler for SIGTERM ignores it), waits for it and writes the outcome to the
+   spec's ``status`` file: ``{"exitCode": n, "signal": s}`` or
+   ``{"startError": message}``.  Its own exit code is the container's
+   (128 + signal number when the container was killed by a signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import select
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
+START_ERROR_EXIT = 128
+FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class StartError(Exception):
+    """The container could not be started; the message is reported as the reason."""
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise StartError(f"{what}: {os.strerror(errno)} (errno {errno})")
+
+
+def die_with_parent() -> None:
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def unshare(flags: int, what: str) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({what}) (the node agent must run as root)")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    _check(
+        _libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            None,
+        ),
+        f"mount {source or fstype} on {target}",
+    )
+
+
+def _make_mount_point(source: str, target: str) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+        return
+    os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
+    if not os.path.exists(target):
+        with open(target, "a"):
+            pass
+
+
+def setup_mounts(mounts: list[dict[str, Any]]) -> None:
+    """Enter a private mount namespace and bind every volume (parents before children)."""
+    unshare(CLONE_NEWNS, "CLONE_NEWNS")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for entry in sorted(mounts, key=lambda m: len(Path(m["target"]).parts)):
+        source, target = str(entry["source"]), str(entry["target"])
+        try:
+            _make_mount_point(source, target)
+        except OSError as exc:
+            raise StartError(f"cannot create mount point {target}: {exc}") from exc
+        mount(source, target, None, MS_BIND | MS_REC)
+        if entry.get("readOnly"):
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+
+
+def _exec_child(spec: dict[str, Any], errors: int, helper_alive: int) -> None:
+    """In the forked child (PID 1 of the new namespace): never returns."""
+    try:
+        die_with_parent()
+        # If the helper died before PDEATHSIG was armed, its end of the pipe is closed.
+        if select.select([helper_alive], [], [], 0)[0]:
+            os._exit(1)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        # A /proc that shows only this container's processes; harmless if it fails.
+        with contextlib.suppress(StartError):
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        os.setsid()
+        if spec.get("cwd"):
+            try:
+                os.makedirs(spec["cwd"], exist_ok=True)
+                os.chdir(spec["cwd"])
+            except OSError as exc:
+                raise StartError(f"cannot enter workingDir {spec['cwd']}: {exc}") from exc
+        argv = [str(a) for a in spec["argv"]]
+        try:
+            os.execvpe(argv[0], argv, dict(spec["env"]))  # noqa: S606 (a container runs its argv)
+        except OSError as exc:
+            raise StartError(f'exec: "{argv[0]}": {exc.strerror}') from exc
+    except BaseException as exc:  # any failure before exec is a start error
+        os.write(errors, str(exc).encode()[:4000] or b"start failed")
+    os._exit(START_ERROR_EXIT)
+
+
+def _write_status(path: str, status: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(status))
+    os.replace(tmp, path)
+
+
+def run(spec: dict[str, Any]) -> int:
+    die_with_parent()
+    if os.getppid() != int(spec["parent"]):
+        return 1  # the agent is already gone
+    child_pid = 0
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if child_pid:
+            os.kill(child_pid, signum)
+        else:
+            pending.append(signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    try:
+        setup_mounts(list(spec["mounts"]))
+        unshare(CLONE_NEWPID, "CLONE_NEWPID")
+    except StartError as exc:
+        _write_status(spec["status"], {"startError": str(exc)})
+        return START_ERROR_EXIT
+    errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(errors_r)
+        os.close(alive_w)
+        _exec_child(spec, errors_w, alive_r)
+    os.close(errors_w)
+    os.close(alive_r)
+    child_pid = pid
+    for signum in pending:
+        os.kill(child_pid, signum)
+    message = b""
+    while chunk := os.read(errors_r, 4096):
+        message += chunk
+    _, status = os.waitpid(pid, 0)
+    if message:
+        _write_status(spec["status"], {"startError": message.decode(errors="replace")})
+        return START_ERROR_EXIT
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        _write_status(spec["status"], {"exitCode": 128 + signum, "signal": signum})
+        return 128 + signum
+    code = os.waitstatus_to_exitcode(status)
+    _write_status(spec["status"], {"exitCode": code})
+    return code
+
+
+def probe() -> int:
+    """Check that this machine lets us create mount and PID namespaces."""
+    try:
+        unshare(CLONE_NEWNS, "CLONE_NEWNS")
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        unshare(CLONE_NEWPID, "CLONE_NEWPID")
+    except StartError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--probe"]:
+        sys.exit(probe())
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    sys.exit(run(spec))
+
+
+if __name__ == "__main__":
+    main()
