@@ -11,6 +11,7 @@ Run with ``python -m kubetune_operator`` (reads the KUBETUNE_* environment), or
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, cast
 
@@ -30,6 +31,15 @@ _EVENT_MESSAGE_LIMIT = 1000
 WARNING_REASONS = frozenset(
     {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError"}
 )
+
+
+@kopf.on.login()
+def operator_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """$KUBECONFIG when set (read now: the kubernetes package reads it only at import), else the
+    client library's own discovery (in-cluster ServiceAccount, ~/.kube/config)."""
+    if os.environ.get("KUBECONFIG"):
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.startup()

@@ -7,6 +7,7 @@ between that could drop fields) and returns the API server's JSON as dicts.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -79,16 +80,18 @@ class KubeError(RuntimeError):
 
 
 def new_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
-    """In-cluster credentials when running in a pod; otherwise ``kubeconfig`` (or $KUBECONFIG)."""
+    """``kubeconfig`` or $KUBECONFIG if set; otherwise in-cluster credentials (or ~/.kube/config)."""
+    # Read $KUBECONFIG now: the kubernetes package reads it only once, when it is imported.
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
     if kubeconfig is None:
         configuration = k8s_client.Configuration()
         try:
-            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            k8s_config.load_incluster_config(client_configuration=configuration)
         except k8s_config.ConfigException:
             pass
         else:
             return k8s_client.ApiClient(configuration)
-    api_client = k8s_config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    api_client = k8s_config.new_client_from_config(config_file=kubeconfig)
     assert isinstance(api_client, k8s_client.ApiClient)
     return api_client
 
@@ -117,7 +120,7 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         response = self.api_client.call_api(*serialized, _request_timeout=self.timeout)
-        data = response.read()  # type: ignore[no-untyped-call]
+        data = response.read()
         text = data.decode("utf-8") if isinstance(data, bytes) else str(data or "")
         if not 200 <= response.status <= 299:
             raise KubeError(response.status, method, path, text)

@@ -246,3 +246,62 @@ def create_ftj(kube: Any, namespace: str, crd_installed: Obj) -> Callable[..., O
         return created
 
     return create
+
+
+class Harness:
+    """What an operator test needs, in one fixture: client, namespace, fake kubelet, helpers."""
+
+    def __init__(
+        self, local_env: Any, kube: Any, namespace: str, kubelet: FakeKubelet, create: Callable[..., Obj]
+    ) -> None:
+        self.local_env = local_env
+        self.kube = kube
+        self.namespace = namespace
+        self.kubelet = kubelet
+        self.create = create
+        self.wait_for = _wait_for
+
+    def get(self, resource: Any, name: str) -> Obj | None:
+        result: Obj | None = self.kube.get(resource, self.namespace, name)
+        return result
+
+    def status(self, name: str) -> Obj:
+        from kubetune_operator.kube import FINETUNEJOBS
+
+        ftj = self.get(FINETUNEJOBS, name)
+        assert ftj is not None, f"FineTuneJob {name} is gone"
+        status: Obj = ftj.get("status") or {}
+        return status
+
+    def patch_ftj(self, name: str, patch: Obj, subresource: str | None = None) -> None:
+        from kubetune_operator.kube import FINETUNEJOBS
+
+        self.kube.patch(FINETUNEJOBS, self.namespace, name, patch, subresource)
+
+    def wait_phase(self, name: str, phase: str, reason: str | None = None, timeout: float = 30.0) -> Obj:
+        def probe() -> Obj | None:
+            status = self.status(name)
+            if status.get("phase") == phase and reason in (None, status.get("reason")):
+                return status
+            return None
+
+        what = f"{name} to reach {phase}" + (f"/{reason}" if reason else "")
+        result: Obj = _wait_for(what, probe, timeout)
+        return result
+
+    def events(self, name: str) -> list[Obj]:
+        from kubetune_operator.kube import Resource
+
+        events: list[Obj] = self.kube.list(Resource("v1", "events"), self.namespace)
+        return [
+            e
+            for e in events
+            if e["involvedObject"].get("kind") == "FineTuneJob" and e["involvedObject"]["name"] == name
+        ]
+
+
+@pytest.fixture
+def harness(
+    local_env: Any, kube: Any, namespace: str, kubelet: FakeKubelet, create_ftj: Callable[..., Obj]
+) -> Harness:
+    return Harness(local_env, kube, namespace, kubelet, create_ftj)

@@ -1,0 +1,281 @@
+"""The operator (kopf, in this process) against the real kube-apiserver and kube-controller-manager.
+
+There is no node: the tests play the kubelet by writing pod status through the API
+(see ``FakeKubelet``), while the real Job controller creates, counts and replaces pods and the
+real garbage collector deletes children.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from typing import Any
+
+import pytest
+
+from kubetune_operator import names
+from kubetune_operator.kube import CONFIGMAPS, FINETUNEJOBS, JOBS, ROLEBINDINGS, ROLES, SERVICEACCOUNTS
+from kubetune_trainer.config import EXIT_INVALID_DATA, TrainerConfig
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+
+Obj = dict[str, Any]
+
+
+def _conditions(status: Obj) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status.get("conditions", [])}
+
+
+def test_apply_creates_the_children(operator: Any, harness: Any) -> None:
+    ftj = harness.create(
+        "sft",
+        model={"source": "org/model", "tokenSecretRef": {"name": "hf"}},
+        storage={"endpoint": "http://s3.local:9000", "credentialsSecretRef": {"name": "s3"}},
+        lifecycle={"backoffLimit": 2, "activeDeadlineSeconds": 3600},
+    )
+    uid = ftj["metadata"]["uid"]
+    status = harness.wait_phase("sft", "Pending")
+    assert status["observedGeneration"] == 1
+    assert _conditions(status)["Created"] == "True"
+    assert status["jobName"] == "sft-trainer"
+    assert status["outputURI"] == "s3://results/run-1"
+
+    job = harness.kube.get(JOBS, harness.namespace, "sft-trainer")
+    cm = harness.kube.get(CONFIGMAPS, harness.namespace, "sft-config")
+    children = [job, cm] + [
+        harness.kube.get(r, harness.namespace, "sft-trainer") for r in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS)
+    ]
+    for child in children:
+        assert child is not None
+        assert child["metadata"]["ownerReferences"][0]["uid"] == uid
+        assert child["metadata"]["labels"][names.LABEL_FINETUNEJOB] == "sft"
+
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 2
+    assert spec["activeDeadlineSeconds"] == 3600
+    assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [42, 43, 44]
+    pod_spec = spec["template"]["spec"]
+    assert pod_spec["serviceAccountName"] == "sft-trainer"
+    assert pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    container = pod_spec["containers"][0]
+    assert container["image"] == "registry.example/kubetune/trainer:test"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
+
+    config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
+    assert config.storage.endpoint == "http://s3.local:9000"
+    assert (config.reporting.namespace, config.reporting.name) == (harness.namespace, "sft")
+
+    # The Job controller creates the pod; it is the operator's pod template.
+    pods = harness.wait_for("the trainer pod", lambda: harness.kubelet.pods("sft"))
+    assert [p["spec"]["serviceAccountName"] for p in pods] == ["sft-trainer"]
+    assert any(e["reason"] == "Created" for e in harness.events("sft"))
+
+
+def test_lifecycle_through_pod_states(operator: Any, harness: Any) -> None:
+    harness.create("life")
+    pod = harness.kubelet.wait_pod("life")
+    status = harness.wait_phase("life", "Pending")
+
+    harness.kubelet.waiting(
+        pod, "ImagePullBackOff", 'Back-off pulling image "registry.example/kubetune/trainer:test"'
+    )
+    harness.wait_phase("life", "Pending", "ImagePullBackOff")
+
+    harness.kubelet.run(pod)
+    status = harness.wait_phase("life", "Running")
+    assert _conditions(status)["Running"] == "True"
+    assert status["startTime"]
+
+    # The trainer reports progress on its own; the operator keeps it and summarizes it.
+    progress = {
+        "step": 30,
+        "totalSteps": 120,
+        "epoch": 0.25,
+        "loss": 1.875,
+        "updateTime": harness.kubelet.now(),
+    }
+    harness.kube.patch(FINETUNEJOBS, harness.namespace, "life", {"status": {"progress": progress}}, "status")
+    harness.wait_for(
+        "the progress summary", lambda: harness.status("life").get("progressSummary") == "30/120"
+    )
+    row = harness.local_env.kubectl("get", "ftj", "life", "-n", harness.namespace, "--no-headers").split()
+    assert row[:4] == ["life", "Running", "30/120", "1.875"]
+
+    summary = json.dumps({"adapterUri": "s3://results/run-1/adapter", "trainLoss": 1.5})
+    harness.kubelet.terminate(pod, 0, "Completed", summary)
+    status = harness.wait_phase("life", "Succeeded")
+    assert status["message"] == summary
+    assert status["completionTime"]
+    assert status["exitCode"] == 0
+    assert status["progress"] == progress  # never clobbered by the operator
+    assert _conditions(status) == {
+        "Created": "True", "Running": "False", "Suspended": "False", "Succeeded": "True", "Failed": "False",
+    }  # fmt: skip
+    reasons = [e["reason"] for e in harness.events("life")]
+    assert {"Created", "Pending", "Running", "Succeeded"} <= set(reasons)
+
+
+def test_oomkilled_is_the_failure_reason(operator: Any, harness: Any) -> None:
+    harness.create("oom", lifecycle={"backoffLimit": 0})
+    pod = harness.kubelet.wait_pod("oom")
+    harness.kubelet.run(pod)
+    harness.wait_phase("oom", "Running")
+    harness.kubelet.terminate(pod, 137, "OOMKilled")
+
+    status = harness.wait_phase("oom", "Failed")
+    assert status["reason"] == "OOMKilled"
+    assert status["exitCode"] == 137
+    assert status["completionTime"]
+    assert _conditions(status)["Failed"] == "True"
+    warnings = [e for e in harness.events("oom") if e["type"] == "Warning"]
+    assert any("OOMKilled" in e["message"] for e in warnings)
+
+
+def test_invalid_data_fails_at_once(operator: Any, harness: Any) -> None:
+    """The trainer's invalid-data exit code fails the Job despite backoffLimit (podFailurePolicy)."""
+    harness.create("baddata", lifecycle={"backoffLimit": 5})
+    pod = harness.kubelet.wait_pod("baddata")
+    harness.kubelet.run(pod)
+    harness.kubelet.terminate(pod, EXIT_INVALID_DATA, "Error", "record 3: 'messages' is missing")
+
+    status = harness.wait_phase("baddata", "Failed")
+    assert status["reason"] == "InvalidDataset"
+    assert "record 3" in status["message"]
+    assert status["attempts"] == 1
+    assert len(harness.kubelet.pods("baddata")) == 1  # no retry
+
+
+def test_suspend_and_resume(operator: Any, harness: Any) -> None:
+    harness.create("pause")
+    pod = harness.kubelet.wait_pod("pause")
+    harness.kubelet.run(pod)
+    harness.wait_phase("pause", "Running")
+
+    harness.kube.patch(FINETUNEJOBS, harness.namespace, "pause", {"spec": {"suspend": True}})
+    status = harness.wait_phase("pause", "Suspended", "Suspended")
+    assert _conditions(status)["Suspended"] == "True"
+    assert harness.kube.get(JOBS, harness.namespace, "pause-trainer")["spec"]["suspend"] is True
+    harness.wait_for(
+        "the pod to be gone",
+        lambda: (
+            not [p for p in harness.kubelet.pods("pause") if p["metadata"]["name"] == pod["metadata"]["name"]]
+        ),
+    )
+
+    harness.kube.patch(FINETUNEJOBS, harness.namespace, "pause", {"spec": {"suspend": False}})
+    new_pod = harness.kubelet.wait_pod("pause")
+    assert new_pod["metadata"]["name"] != pod["metadata"]["name"]
+    harness.kubelet.run(new_pod)
+    status = harness.wait_phase("pause", "Running")
+    assert _conditions(status)["Suspended"] == "False"
+
+
+def test_lifecycle_edits_reach_the_job(operator: Any, harness: Any) -> None:
+    harness.create("limits", suspend=True)
+    harness.wait_phase("limits", "Suspended")
+    patch = {
+        "spec": {
+            "lifecycle": {"backoffLimit": 7, "activeDeadlineSeconds": 900, "ttlSecondsAfterFinished": 60}
+        }
+    }
+    harness.kube.patch(FINETUNEJOBS, harness.namespace, "limits", patch)
+
+    def aligned() -> bool:
+        spec = harness.kube.get(JOBS, harness.namespace, "limits-trainer")["spec"]
+        return bool(
+            (spec["backoffLimit"], spec.get("activeDeadlineSeconds"), spec.get("ttlSecondsAfterFinished"))
+            == (7, 900, 60)
+        )
+
+    harness.wait_for("the Job to follow spec.lifecycle", aligned)
+
+
+def test_queue_name_creates_a_suspended_job_for_kueue(operator: Any, harness: Any) -> None:
+    harness.create("queued", scheduling={"queueName": "team-a"})
+    status = harness.wait_phase("queued", "Queued", "WaitingForAdmission")
+    assert _conditions(status)["Suspended"] == "True"
+    job = harness.kube.get(JOBS, harness.namespace, "queued-trainer")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+def test_delete_removes_every_child_even_without_the_operator(run_operator: Any, harness: Any) -> None:
+    with run_operator():
+        harness.create("gone")
+        harness.wait_phase("gone", "Pending")
+    ftj = harness.kube.get(FINETUNEJOBS, harness.namespace, "gone")
+    assert not ftj["metadata"].get("finalizers")
+
+    # The operator is stopped: deletion must not wait for it.
+    harness.kube.delete(FINETUNEJOBS, harness.namespace, "gone")
+    harness.wait_for(
+        "the FineTuneJob to be deleted",
+        lambda: harness.kube.get(FINETUNEJOBS, harness.namespace, "gone") is None,
+        timeout=10,
+    )
+
+    def children_gone() -> bool:
+        names_ = [("gone-trainer", JOBS), ("gone-config", CONFIGMAPS), ("gone-trainer", SERVICEACCOUNTS),
+                  ("gone-trainer", ROLES), ("gone-trainer", ROLEBINDINGS)]  # fmt: skip
+        return all(harness.kube.get(resource, harness.namespace, name) is None for name, resource in names_)
+
+    harness.wait_for("the garbage collector to delete every child", children_gone, timeout=60)
+
+
+def test_restart_adopts_and_never_duplicates_the_job(run_operator: Any, harness: Any) -> None:
+    from kubetune_operator import builders
+
+    # A crash right after creating the Job, before any status was written: the children exist,
+    # the FineTuneJob's status does not know about them yet.
+    ftj = harness.create("restart")
+    for obj in builders.children(ftj, "registry.example/kubetune/trainer:test"):
+        harness.kube.create(obj)
+    job_uid = harness.kube.get(JOBS, harness.namespace, "restart-trainer")["metadata"]["uid"]
+
+    with run_operator():
+        harness.wait_phase("restart", "Pending")
+        pod = harness.kubelet.wait_pod("restart")
+    harness.kubelet.run(pod)  # the pod starts while no operator is running
+    with run_operator():
+        harness.wait_phase("restart", "Running")
+    with run_operator():
+        harness.wait_phase("restart", "Running")
+        harness.kubelet.terminate(pod, 0, "Completed")
+        harness.wait_phase("restart", "Succeeded")
+
+    jobs = harness.kube.list(JOBS, harness.namespace, "kubetune.dev/finetunejob=restart")
+    assert [j["metadata"]["uid"] for j in jobs] == [job_uid]
+    created = [e for e in harness.events("restart") if e["reason"] == "Created"]
+    assert not created  # nothing was missing, so nothing was created
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_metrics_and_health_endpoints(
+    run_operator: Any, harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics_port = _free_port()
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(metrics_port))
+    monkeypatch.setenv("KUBETUNE_BIND_ADDRESS", "127.0.0.1")
+    with run_operator():
+        harness.create("measured", suspend=True)
+        harness.wait_phase("measured", "Suspended")
+
+        def scrape() -> str | None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+                text: str = resp.read().decode()
+            return text if 'kubetune_finetunejobs{phase="Suspended"} 1.0' in text else None
+
+        text = harness.wait_for("the phase gauge", scrape)
+    assert 'kubetune_reconcile_total{trigger="create"}' in text
+    assert 'kubetune_reconcile_duration_seconds_count{trigger="create"}' in text
+    assert 'kubetune_phase_transitions_total{phase="Suspended"}' in text
+    assert "kubetune_reconcile_errors_total" in text
