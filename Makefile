@@ -35,6 +35,9 @@ test: setup tools ## the test suite: lint, type check, then unit, API-server and
 	.venv/bin/mypy
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
+demo: setup tools ## the main job end to end: control plane, S3, node agent, operator, a tiny QLoRA fine-tune on CPU
+	$(VENV_PY) -m kubetune_localenv.demo $(DEMO_ARGS)
+
 cluster-up: setup ## start etcd, kube-apiserver, kcm, S3 and the node agent on 127.0.0.1; writes $(STATE)/kubeconfig and $(STATE)/s3.env
 	$(VENV_PY) -m kubetune_localenv up --state $(STATE)
 

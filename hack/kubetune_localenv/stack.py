@@ -1,0 +1,175 @@
+"""The whole product on one machine: control plane + node agent + operator + S3 data.
+
+Shared by ``make demo`` (``demo.py``) and the end-to-end tests, so both run the
+same path a user takes: the CRD applied, the operator running as its own
+process, a FineTuneJob ``kubectl apply``-ed from ``examples/local/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import tinymodel
+from .cluster import LocalEnv, ManagedProcess, pick_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
+TINY_JOB_TEMPLATE = REPO_ROOT / "examples" / "local" / "finetunejob-tiny.yaml"
+CREDENTIALS_SECRET = "s3-credentials"
+FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
+
+
+def start_operator(env: LocalEnv, namespaces: list[str] | None = None) -> ManagedProcess:
+    """Run ``python -m kubetune_operator`` as its own process, as a Deployment would."""
+    proc_env = dict(os.environ)
+    proc_env.update(
+        KUBECONFIG=str(env.kubeconfig),
+        KUBETUNE_NAMESPACES=",".join(namespaces or []),
+        KUBETUNE_BIND_ADDRESS="127.0.0.1",
+        KUBETUNE_METRICS_PORT=str(pick_port()),
+        KUBETUNE_HEALTH_PORT=str(pick_port()),
+        PYTHONUNBUFFERED="1",
+    )
+    proc = ManagedProcess(
+        "operator",
+        [sys.executable, "-m", "kubetune_operator"],
+        env.logs_dir / "operator.log",
+        proc_env,
+    )
+    proc.start()
+    env.processes.append(proc)  # stopped with the rest of the environment
+    return proc
+
+
+def install_crd(env: LocalEnv) -> None:
+    env.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    env.kubectl(
+        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s"
+    )
+
+
+def s3_client(env: LocalEnv) -> Any:
+    import boto3
+
+    assert env.s3 is not None
+    return boto3.client(
+        "s3",
+        endpoint_url=env.s3.endpoint,
+        aws_access_key_id=env.s3.access_key,
+        aws_secret_access_key=env.s3.secret_key,
+        region_name=env.s3.region,
+    )
+
+
+@dataclass
+class TinyJob:
+    """A prepared tiny fine-tune: data and model in S3, a Secret, a manifest to apply."""
+
+    name: str
+    namespace: str
+    bucket: str
+    manifest: str
+
+    @property
+    def output_prefix(self) -> str:
+        return f"adapters/{self.name}"
+
+
+def upload_tiny_inputs(env: LocalEnv, bucket: str, work: Path, fmt: str = "chat") -> None:
+    """Create ``bucket`` with the tiny model and a train/validation split of ``fmt`` records."""
+    client = s3_client(env)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        client.create_bucket(Bucket=bucket)
+    model_dir = work / "tiny-llama"
+    if not (model_dir / "config.json").exists():
+        tinymodel.build_model(model_dir)
+    tinymodel.upload_folder(client, model_dir, bucket, "models/tiny-llama")
+    records = tinymodel.RECORDS[fmt](48)
+    client.put_object(
+        Bucket=bucket, Key="datasets/colors/train.jsonl", Body=tinymodel.to_jsonl(records[:40])
+    )
+    client.put_object(
+        Bucket=bucket, Key="datasets/colors/validation.jsonl", Body=tinymodel.to_jsonl(records[40:])
+    )
+
+
+def create_credentials_secret(env: LocalEnv, namespace: str) -> None:
+    """The S3 keys, by reference only: the FineTuneJob names this Secret."""
+    assert env.s3 is not None
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": CREDENTIALS_SECRET, "namespace": namespace},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": env.s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": env.s3.secret_key,
+        },
+    }
+    env.kubectl("apply", "-f", "-", input=json.dumps(secret))
+
+
+def ensure_namespace(env: LocalEnv, namespace: str) -> None:
+    manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+    env.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
+def render_tiny_job(
+    env: LocalEnv,
+    *,
+    name: str,
+    namespace: str,
+    bucket: str,
+    fmt: str = "chat",
+    max_steps: int = 24,
+    save_steps: int = 8,
+) -> TinyJob:
+    assert env.s3 is not None
+    manifest = string.Template(TINY_JOB_TEMPLATE.read_text()).substitute(
+        NAME=name,
+        NAMESPACE=namespace,
+        BUCKET=bucket,
+        FORMAT=fmt,
+        MAX_STEPS=max_steps,
+        SAVE_STEPS=save_steps,
+        S3_ENDPOINT=env.s3.endpoint,
+    )
+    return TinyJob(name, namespace, bucket, manifest)
+
+
+def get_ftj(env: LocalEnv, namespace: str, name: str) -> dict[str, Any]:
+    out = env.kubectl("get", "finetunejob", name, "-n", namespace, "-o", "json")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float,
+    on_tick: Callable[[], None] | None = None,
+    interval: float = 1.0,
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        if on_tick:
+            on_tick()
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def phase_in(env: LocalEnv, namespace: str, name: str, phases: set[str]) -> dict[str, Any] | None:
+    obj = get_ftj(env, namespace, name)
+    return obj if obj.get("status", {}).get("phase") in phases else None

@@ -1,0 +1,191 @@
+"""End to end: kubectl apply → operator → Job → node agent → trainer → S3 → status.
+
+Everything is real: kube-apiserver, kube-controller-manager, the node agent
+running the trainer pod as a local process, the operator as its own process
+(``python -m kubetune_operator``), versitygw for S3, and QLoRA on a tiny Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_localenv import stack
+from kubetune_localenv.cluster import LocalEnv
+from kubetune_localenv.nodeagent import start_agent
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TRAIN_TIMEOUT = 600.0
+
+
+@pytest.fixture(scope="module")
+def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
+    """A control plane of its own with a node agent and the operator running."""
+    env = LocalEnv(tmp_path_factory.mktemp("e2e"))
+    env.extra_start.append(lambda e: start_agent(e, gpus=0))
+    env.start()
+    try:
+        stack.install_crd(env)
+        stack.start_operator(env)
+        yield env
+    finally:
+        env.stop()
+
+
+@pytest.fixture(scope="module")
+def e2e_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-work")
+
+
+@pytest.fixture
+def job_ns(e2e_env: LocalEnv) -> str:
+    namespace = "e2e-" + secrets.token_hex(3)
+    stack.ensure_namespace(e2e_env, namespace)
+    stack.create_credentials_secret(e2e_env, namespace)
+    return namespace
+
+
+def _apply(env: LocalEnv, job: stack.TinyJob, tmp_path: Path) -> None:
+    manifest = tmp_path / f"{job.name}.yaml"
+    manifest.write_text(job.manifest)
+    env.kubectl("apply", "-f", str(manifest))
+
+
+def _pods(env: LocalEnv, namespace: str, name: str) -> list[dict[str, Any]]:
+    out = env.kubectl("get", "pods", "-n", namespace, "-l", f"kubetune.dev/finetunejob={name}", "-o", "json")
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def _objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+    paginator = client.get_paginator("list_objects_v2")
+    found: dict[str, int] = {}
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found[obj["Key"][len(prefix) :].lstrip("/")] = obj["Size"]
+    return found
+
+
+def test_apply_trains_and_writes_the_adapter_then_delete_cleans_up(
+    e2e_env: LocalEnv, e2e_work: Path, job_ns: str, tmp_path: Path
+) -> None:
+    bucket = "e2e-" + secrets.token_hex(4)
+    stack.upload_tiny_inputs(e2e_env, bucket, e2e_work)
+    job = stack.render_tiny_job(e2e_env, name="tiny-chat", namespace=job_ns, bucket=bucket)
+    _apply(e2e_env, job, tmp_path)
+
+    # Progress shows in `kubectl get ftj` while the trainer runs.
+    seen_progress: list[str] = []
+
+    def progress_visible() -> bool:
+        line = e2e_env.kubectl("get", "ftj", job.name, "-n", job_ns, "--no-headers")
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] == "Running" and "/" in fields[2]:
+            seen_progress.append(line.strip())
+        return bool(seen_progress) or fields[1] in {"Succeeded", "Failed"}
+
+    stack.wait_for("training progress in kubectl get ftj", progress_visible, TRAIN_TIMEOUT)
+    done = stack.wait_for(
+        "the FineTuneJob to finish",
+        lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Succeeded", "Failed"}),
+        TRAIN_TIMEOUT,
+    )
+    status = done["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    assert seen_progress, "no Running row with step progress was ever seen"
+    assert status["outputURI"] == f"s3://{bucket}/{job.output_prefix}"
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == 24
+    assert isinstance(status["progress"]["loss"], float)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+
+    client = stack.s3_client(e2e_env)
+    outputs = _objects(client, bucket, job.output_prefix)
+    for required in ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "metrics.json"):
+        assert required in outputs, sorted(outputs)
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{job.output_prefix}/manifest.json")["Body"].read())
+    listed = {f["path"] for f in manifest["files"]}
+    assert "adapter_model.safetensors" in listed
+
+    # Delete: every child goes (owner references + GC), the outputs stay.
+    e2e_env.kubectl("delete", "ftj", job.name, "-n", job_ns, "--wait=true", "--timeout=60s")
+
+    def children_gone() -> bool:
+        kinds = "jobs,pods,configmaps,serviceaccounts,roles,rolebindings"
+        out = e2e_env.kubectl(
+            "get", kinds, "-n", job_ns, "-l", f"kubetune.dev/finetunejob={job.name}", "-o", "name"
+        )
+        return not out.strip()
+
+    stack.wait_for("the FineTuneJob's children to be garbage-collected", children_gone, 90)
+    assert "adapter_model.safetensors" in _objects(client, bucket, job.output_prefix)
+
+
+def test_bad_dataset_fails_with_the_line_and_is_not_retried(
+    e2e_env: LocalEnv, e2e_work: Path, job_ns: str, tmp_path: Path
+) -> None:
+    bucket = "e2e-" + secrets.token_hex(4)
+    stack.upload_tiny_inputs(e2e_env, bucket, e2e_work)
+    client = stack.s3_client(e2e_env)
+    good = stack.tinymodel.to_jsonl(stack.tinymodel.chat_records(4)).decode().splitlines()
+    broken = [*good[:2], '{"messages": [{"role": "user"}]}', *good[2:]]
+    client.put_object(Bucket=bucket, Key="datasets/colors/train.jsonl", Body="\n".join(broken).encode())
+    job = stack.render_tiny_job(e2e_env, name="bad-data", namespace=job_ns, bucket=bucket)
+    _apply(e2e_env, job, tmp_path)
+
+    done = stack.wait_for(
+        "the FineTuneJob to fail",
+        lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Succeeded", "Failed"}),
+        TRAIN_TIMEOUT,
+    )
+    status = done["status"]
+    assert status["phase"] == "Failed", json.dumps(status, indent=2)
+    assert status["reason"] == "InvalidDataset"
+    assert "train.jsonl line 3" in status["message"]
+    assert "content" in status["message"]
+    time.sleep(3)  # a retry, if one were (wrongly) made, would show up as a second pod
+    assert len(_pods(e2e_env, job_ns, job.name)) == 1
+    assert "manifest.json" not in _objects(client, bucket, job.output_prefix)
+
+
+def test_suspend_keeps_the_checkpoint_and_resume_continues_from_it(
+    e2e_env: LocalEnv, e2e_work: Path, job_ns: str, tmp_path: Path
+) -> None:
+    bucket = "e2e-" + secrets.token_hex(4)
+    stack.upload_tiny_inputs(e2e_env, bucket, e2e_work)
+    job = stack.render_tiny_job(
+        e2e_env, name="pausable", namespace=job_ns, bucket=bucket, max_steps=120, save_steps=4
+    )
+    _apply(e2e_env, job, tmp_path)
+    client = stack.s3_client(e2e_env)
+
+    def checkpoint_step() -> int | None:
+        progress = stack.get_ftj(e2e_env, job_ns, job.name).get("status", {}).get("progress", {})
+        last = progress.get("lastCheckpoint")
+        return int(str(last).rstrip("/").rsplit("-", 1)[-1]) if last else None
+
+    saved = stack.wait_for("a complete checkpoint", checkpoint_step, TRAIN_TIMEOUT, interval=0.5)
+    e2e_env.kubectl("patch", "ftj", job.name, "-n", job_ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    stack.wait_for(
+        "phase Suspended", lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Suspended"}), 120
+    )
+    stack.wait_for("the trainer pod to go", lambda: not _pods(e2e_env, job_ns, job.name), 120)
+    kept = _objects(client, bucket, f"{job.output_prefix}/checkpoints")
+    assert any(key.startswith(f"step-{saved}/") for key in kept), sorted(kept)
+
+    e2e_env.kubectl("patch", "ftj", job.name, "-n", job_ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    done = stack.wait_for(
+        "the resumed FineTuneJob to finish",
+        lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Succeeded", "Failed"}),
+        TRAIN_TIMEOUT * 2,
+    )
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=2)
+    metrics = json.loads(client.get_object(Bucket=bucket, Key=f"{job.output_prefix}/metrics.json")["Body"].read())
+    assert metrics["resumedFromStep"] >= saved
