@@ -66,7 +66,9 @@ def sample_generation(env: LocalEnv, work: Path) -> tuple[str, str]:
 
     def generate(model: Any) -> str:
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
         return str(tokenizer.decode(out[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
     before = generate(base)

@@ -51,9 +51,7 @@ def start_operator(env: LocalEnv, namespaces: list[str] | None = None) -> Manage
 
 def install_crd(env: LocalEnv) -> None:
     env.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-    env.kubectl(
-        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s"
-    )
+    env.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
 
 
 def s3_client(env: LocalEnv) -> Any:
@@ -94,9 +92,7 @@ def upload_tiny_inputs(env: LocalEnv, bucket: str, work: Path, fmt: str = "chat"
         tinymodel.build_model(model_dir)
     tinymodel.upload_folder(client, model_dir, bucket, "models/tiny-llama")
     records = tinymodel.RECORDS[fmt](48)
-    client.put_object(
-        Bucket=bucket, Key="datasets/colors/train.jsonl", Body=tinymodel.to_jsonl(records[:40])
-    )
+    client.put_object(Bucket=bucket, Key="datasets/colors/train.jsonl", Body=tinymodel.to_jsonl(records[:40]))
     client.put_object(
         Bucket=bucket, Key="datasets/colors/validation.jsonl", Body=tinymodel.to_jsonl(records[40:])
     )

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
-ROLE_WORDS = (
-    "<|user|> <|assistant|> <|system|> ### Human: Assistant: name the color after what follows comes"
-)
+ROLE_WORDS = "<|user|> <|assistant|> <|system|> ### Human: Assistant: name the color after what follows comes"
 
 
 def _next(color: str) -> str:
@@ -54,7 +52,9 @@ def prompt_completion_records(n: int = 32) -> list[dict[str, Any]]:
 
 
 def text_records(n: int = 32) -> list[dict[str, Any]]:
-    return [{"text": f"### Human: what follows {c} ### Assistant: {_next(c)} follows {c}"} for c in _colors(n)]
+    return [
+        {"text": f"### Human: what follows {c} ### Assistant: {_next(c)} follows {c}"} for c in _colors(n)
+    ]
 
 
 RECORDS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
@@ -87,7 +87,7 @@ def build_tokenizer() -> Any:
     tok.train_from_iterator(
         _corpus(), trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
     )
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_localenv import stack
+from kubetune_localenv import stack, tinymodel
 from kubetune_localenv.cluster import LocalEnv
 from kubetune_localenv.nodeagent import start_agent
 
@@ -73,6 +73,15 @@ def _objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:
     return found
 
 
+def _read_json(client: Any, bucket: str, key: str) -> Any:
+    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _set_suspend(env: LocalEnv, job: stack.TinyJob, suspend: bool) -> None:
+    patch = json.dumps({"spec": {"suspend": suspend}})
+    env.kubectl("patch", "ftj", job.name, "-n", job.namespace, "--type=merge", "-p", patch)
+
+
 def test_apply_trains_and_writes_the_adapter_then_delete_cleans_up(
     e2e_env: LocalEnv, e2e_work: Path, job_ns: str, tmp_path: Path
 ) -> None:
@@ -110,7 +119,7 @@ def test_apply_trains_and_writes_the_adapter_then_delete_cleans_up(
     outputs = _objects(client, bucket, job.output_prefix)
     for required in ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "metrics.json"):
         assert required in outputs, sorted(outputs)
-    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{job.output_prefix}/manifest.json")["Body"].read())
+    manifest = _read_json(client, bucket, f"{job.output_prefix}/manifest.json")
     listed = {f["path"] for f in manifest["files"]}
     assert "adapter_model.safetensors" in listed
 
@@ -134,7 +143,7 @@ def test_bad_dataset_fails_with_the_line_and_is_not_retried(
     bucket = "e2e-" + secrets.token_hex(4)
     stack.upload_tiny_inputs(e2e_env, bucket, e2e_work)
     client = stack.s3_client(e2e_env)
-    good = stack.tinymodel.to_jsonl(stack.tinymodel.chat_records(4)).decode().splitlines()
+    good = tinymodel.to_jsonl(tinymodel.chat_records(4)).decode().splitlines()
     broken = [*good[:2], '{"messages": [{"role": "user"}]}', *good[2:]]
     client.put_object(Bucket=bucket, Key="datasets/colors/train.jsonl", Body="\n".join(broken).encode())
     job = stack.render_tiny_job(e2e_env, name="bad-data", namespace=job_ns, bucket=bucket)
@@ -172,20 +181,18 @@ def test_suspend_keeps_the_checkpoint_and_resume_continues_from_it(
         return int(str(last).rstrip("/").rsplit("-", 1)[-1]) if last else None
 
     saved = stack.wait_for("a complete checkpoint", checkpoint_step, TRAIN_TIMEOUT, interval=0.5)
-    e2e_env.kubectl("patch", "ftj", job.name, "-n", job_ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
-    stack.wait_for(
-        "phase Suspended", lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Suspended"}), 120
-    )
+    _set_suspend(e2e_env, job, True)
+    stack.wait_for("phase Suspended", lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Suspended"}), 120)
     stack.wait_for("the trainer pod to go", lambda: not _pods(e2e_env, job_ns, job.name), 120)
     kept = _objects(client, bucket, f"{job.output_prefix}/checkpoints")
     assert any(key.startswith(f"step-{saved}/") for key in kept), sorted(kept)
 
-    e2e_env.kubectl("patch", "ftj", job.name, "-n", job_ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    _set_suspend(e2e_env, job, False)
     done = stack.wait_for(
         "the resumed FineTuneJob to finish",
         lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Succeeded", "Failed"}),
         TRAIN_TIMEOUT * 2,
     )
     assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=2)
-    metrics = json.loads(client.get_object(Bucket=bucket, Key=f"{job.output_prefix}/metrics.json")["Body"].read())
+    metrics = _read_json(client, bucket, f"{job.output_prefix}/metrics.json")
     assert metrics["resumedFromStep"] >= saved
