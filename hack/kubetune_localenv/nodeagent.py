@@ -32,6 +32,7 @@ from typing import Any
 
 from . import nodeagent_images as images
 from .cluster import LaunchError, LocalEnv, ManagedProcess
+from .nodeagent_cgroup import MemoryCgroups
 from .nodeagent_kube import MERGE_PATCH, STRATEGIC_MERGE_PATCH, ApiError, Kube
 from .nodeagent_pod import EXEC_HELPER, AgentContext, PodWorker, now_rfc3339
 from .nodeagent_sched import is_terminal, unfit_reason
@@ -195,7 +196,15 @@ class Agent:
             image_table=self.image_table,
             node=lambda: self.node,
             restart_backoff=args.restart_backoff,
+            cgroups=self._memory_cgroups() if args.memory_limits else None,
         )
+
+    def _memory_cgroups(self) -> MemoryCgroups | None:
+        cgroups = MemoryCgroups.detect(f"kubetune-nodeagent-{self.node_name}")
+        if cgroups is None:
+            log.warning("no memory cgroups available: memory limits are not enforced")
+            return None
+        return cgroups if cgroups.prepare() else None
 
     def image_table(self) -> list[images.ImageRule]:
         """The image table, re-read when the file changes."""
@@ -507,6 +516,8 @@ class Agent:
         deadline = time.monotonic() + self.args.shutdown_grace + 3
         for worker in self.workers.values():
             worker.join(max(0.1, deadline - time.monotonic()))
+        if self.ctx.cgroups is not None:
+            self.ctx.cgroups.close()
         try:
             conditions = self._conditions(False, "NodeAgentStopped", "the kubetune node agent stopped")
             self.kube.request(
@@ -573,6 +584,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=10.0,
         help="first container restart delay, doubled per restart",
+    )
+    parser.add_argument(
+        "--no-memory-limits",
+        dest="memory_limits",
+        action="store_false",
+        help="do not enforce limits.memory with memory cgroups",
     )
     parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between node heartbeats")
     parser.add_argument(

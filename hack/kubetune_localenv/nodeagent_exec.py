@@ -12,8 +12,9 @@ Steps:
    volume at its mountPath (read-only ones remounted read-only).  Mount points
    that do not exist on the host are created there (empty dirs/files).
 3. ``unshare(CLONE_NEWPID)`` and fork: the child is PID 1 of a new PID namespace,
-   gets its own ``/proc``, a new session, ``PR_SET_PDEATHSIG`` = SIGKILL, and
-   execs the container command.  When PID 1 exits, the kernel kills every other
+   joins the container's memory cgroup (if it has a memory limit), gets its own
+   ``/proc``, a new session, ``PR_SET_PDEATHSIG`` = SIGKILL, and execs the
+   container command.  When PID 1 exits, the kernel kills every other
    process in the namespace, so no grandchild outlives its container.
 4. The helper forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to PID 1
    (like a container runtime, and like PID 1 in a container a process that has no
@@ -125,6 +126,11 @@ def _exec_child(spec: dict[str, Any], errors: int, helper_alive: int) -> None:
             os._exit(1)
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        if spec.get("cgroup"):  # the memory limit applies from here on, not to the helper
+            try:
+                Path(spec["cgroup"]).write_text("0")
+            except OSError as exc:
+                raise StartError(f"cannot join memory cgroup {spec['cgroup']}: {exc}") from exc
         # A /proc that shows only this container's processes; harmless if it fails.
         with contextlib.suppress(StartError):
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from . import nodeagent_images as images
+from .nodeagent_cgroup import MemoryCgroups
 from .nodeagent_kube import STRATEGIC_MERGE_PATCH, ApiError, Kube
+from .nodeagent_sched import parse_quantity
 from .nodeagent_spec import NotReadyError, PodSpecResolver, expand
 
 JSON = dict[str, Any]
@@ -61,6 +63,7 @@ class AgentContext:
     image_table: Callable[[], list[images.ImageRule]]
     node: Callable[[], JSON]
     restart_backoff: float = 10.0
+    cgroups: MemoryCgroups | None = None
 
 
 @dataclass
@@ -80,6 +83,7 @@ class ContainerRun:
     log_offset: int = 0
     pull_failures: int = 0
     restart_pending: bool = False
+    cgroup: Path | None = None
 
     @property
     def name(self) -> str:
@@ -364,6 +368,7 @@ class PodWorker(threading.Thread):
             "mounts": mounts,
             "status": str(status_file),
             "parent": os.getpid(),
+            "cgroup": self._memory_cgroup(run),
         }
         spec_file.write_text(json.dumps(spec))
         spec_file.chmod(0o600)  # holds the env, which may hold secrets
@@ -384,10 +389,28 @@ class PodWorker(threading.Thread):
         run.state = {"running": {"startedAt": now_rfc3339()}}
         log.info("pod %s: started container %s (pid %d): %s", self.key, run.name, run.popen.pid, argv)
 
+    def _memory_cgroup(self, run: ContainerRun) -> str | None:
+        """A memory cgroup for a container with a memory limit; its ``cgroup.procs`` file."""
+        limit = (run.spec.get("resources", {}).get("limits") or {}).get("memory")
+        if limit is None or self.ctx.cgroups is None:
+            return None
+        name = f"{self.uid}_{run.name}"
+        try:
+            run.cgroup = self.ctx.cgroups.create(name, float(parse_quantity(limit)))
+        except OSError as exc:
+            log.warning("pod %s: memory limit of %s not enforced: %s", self.key, run.name, exc)
+            return None
+        return str(run.cgroup / "cgroup.procs")
+
     def _record_exit(self, run: ContainerRun) -> None:
         assert run.popen is not None
         code = run.popen.wait()
         run.popen = None
+        oom_kills = 0
+        if run.cgroup is not None and self.ctx.cgroups is not None:
+            oom_kills = self.ctx.cgroups.oom_kills(run.cgroup)
+            self.ctx.cgroups.remove(run.cgroup)
+            run.cgroup = None
         outcome: JSON = {}
         try:
             outcome = json.loads(self._status_file(run).read_text())
@@ -400,7 +423,8 @@ class PodWorker(threading.Thread):
             term.update(exitCode=128, reason="StartError", message=str(outcome["startError"]))
         else:
             exit_code = int(outcome["exitCode"])
-            term.update(exitCode=exit_code, reason="Completed" if exit_code == 0 else "Error")
+            reason = "Completed" if exit_code == 0 else "OOMKilled" if oom_kills else "Error"
+            term.update(exitCode=exit_code, reason=reason)
             if outcome.get("signal"):
                 term["signal"] = int(outcome["signal"])
             message = self._termination_message(run, exit_code)

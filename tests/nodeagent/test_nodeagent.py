@@ -20,6 +20,7 @@ import pytest
 
 from kubetune_localenv.cluster import LocalEnv, ManagedProcess
 from kubetune_localenv.nodeagent import pod_log_path, start_agent
+from kubetune_localenv.nodeagent_cgroup import MemoryCgroups
 from kubetune_localenv.nodeagent_kube import ApiError, Kube
 
 pytestmark = pytest.mark.cluster
@@ -387,6 +388,27 @@ def test_job_runs_to_completion_with_restart_in_place(kube: Kube, node: Node, na
     assert log == "first attempt\nsecond attempt\n"
 
 
+def test_memory_limit_is_enforced_and_reported_as_oomkilled(kube: Kube, node: Node, namespace: str) -> None:
+    if MemoryCgroups.detect(f"kubetune-nodeagent-{node.name}") is None:
+        pytest.skip(
+            "this host gives the agent no memory cgroups: limits are not enforced (docs/nodeagent.md)"
+        )
+    hog = {
+        "name": "hog",
+        "image": "python:3.11",
+        "command": ["python3", "-c", "data = bytearray(1024 * 1024 * 1024); print('survived')"],
+        "resources": {"limits": {"memory": "64Mi"}},
+    }
+    small = shell("small", "echo fits", resources={"limits": {"memory": "64Mi"}})
+    create_pod(kube, namespace, "hog", node.pin({"restartPolicy": "Never", "containers": [hog, small]}))
+    pod = wait_phase(kube, namespace, "hog", "Succeeded", "Failed")
+    assert pod["status"]["phase"] == "Failed"
+    killed = container_status(pod, "hog")["state"]["terminated"]
+    assert (killed["exitCode"], killed["reason"]) == (137, "OOMKilled")
+    assert "survived" not in node.log(namespace, "hog", "hog")
+    assert container_status(pod, "small")["state"]["terminated"]["reason"] == "Completed"
+
+
 def test_delete_sends_sigterm_and_honours_grace(
     kube: Kube, node: Node, namespace: str, tmp_path: Path
 ) -> None:
@@ -507,3 +529,6 @@ def test_agent_stop_and_kill_leave_no_processes(local_env: LocalEnv, kube: Kube,
             except ApiError:
                 pass
         delete_node(kube, name)
+        cgroups = MemoryCgroups.detect(f"kubetune-nodeagent-{name}")
+        if cgroups is not None:
+            cgroups.close()  # the SIGKILLed agent could not remove its (empty) cgroup folder
