@@ -126,7 +126,9 @@ def test_two_replicas_share_one_peering(
     harness.create("first")
     harness.wait_phase("first", "Pending")
     assert len(harness.kube.list(JOBS, harness.namespace, "kubetune.dev/finetunejob=first")) == 1
-    assert "'finetunejob_create' succeeded" in leader.output()
+    harness.wait_for(
+        "the leader's create handler", lambda: "'finetunejob_create' succeeded" in leader.output()
+    )
     assert "finetunejob" not in follower.output()  # paused: the higher priority serves
 
     # A graceful leader exit withdraws it from the peering: the follower resumes at once.

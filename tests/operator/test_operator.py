@@ -259,9 +259,7 @@ def _free_port() -> int:
         return port
 
 
-def test_metrics_and_health_endpoints(
-    run_operator: Any, harness: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_metrics_endpoint(run_operator: Any, harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     metrics_port = _free_port()
     monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(metrics_port))
     monkeypatch.setenv("KUBETUNE_BIND_ADDRESS", "127.0.0.1")
@@ -272,10 +270,13 @@ def test_metrics_and_health_endpoints(
         def scrape() -> str | None:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
                 text: str = resp.read().decode()
-            return text if 'kubetune_finetunejobs{phase="Suspended"} 1.0' in text else None
+            wanted = (
+                'kubetune_finetunejobs{phase="Suspended"} 1.0',
+                'kubetune_reconcile_duration_seconds_count{trigger="create"}',
+            )
+            return text if all(line in text for line in wanted) else None
 
         text = harness.wait_for("the phase gauge", scrape)
     assert 'kubetune_reconcile_total{trigger="create"}' in text
-    assert 'kubetune_reconcile_duration_seconds_count{trigger="create"}' in text
     assert 'kubetune_phase_transitions_total{phase="Suspended"}' in text
     assert "kubetune_reconcile_errors_total" in text
