@@ -33,6 +33,7 @@ import json
 import os
 import select
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,8 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int) -> No
     )
 
 
-def _make_mount_point(source: str, target: str) -> None:
-    if os.path.isdir(source):
+def _make_mount_point(is_dir: bool, target: str) -> None:
+    if is_dir:
         os.makedirs(target, exist_ok=True)
         return
     os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
@@ -103,18 +104,32 @@ def _make_mount_point(source: str, target: str) -> None:
 
 
 def setup_mounts(mounts: list[dict[str, Any]]) -> None:
-    """Enter a private mount namespace and bind every volume (parents before children)."""
+    """Enter a private mount namespace and bind every volume (parents before children).
+
+    Every source is opened (``O_PATH``) before the first mount and bound through
+    ``/proc/self/fd``, so a volume mounted over a parent of another volume's
+    source (the pod's emptyDir at ``/tmp`` while the agent's state is in
+    ``/tmp``) cannot hide that source.
+    """
     unshare(CLONE_NEWNS, "CLONE_NEWNS")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+    opened: list[tuple[int, bool, dict[str, Any]]] = []
     for entry in sorted(mounts, key=lambda m: len(Path(m["target"]).parts)):
-        source, target = str(entry["source"]), str(entry["target"])
         try:
-            _make_mount_point(source, target)
+            fd = os.open(str(entry["source"]), os.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StartError(f"cannot open volume source {entry['source']}: {exc}") from exc
+        opened.append((fd, stat.S_ISDIR(os.fstat(fd).st_mode), entry))
+    for fd, is_dir, entry in opened:
+        target = str(entry["target"])
+        try:
+            _make_mount_point(is_dir, target)
         except OSError as exc:
             raise StartError(f"cannot create mount point {target}: {exc}") from exc
-        mount(source, target, None, MS_BIND | MS_REC)
+        mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
         if entry.get("readOnly"):
             mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        os.close(fd)
 
 
 def _exec_child(spec: dict[str, Any], errors: int, helper_alive: int) -> None:
@@ -151,10 +166,19 @@ def _exec_child(spec: dict[str, Any], errors: int, helper_alive: int) -> None:
     os._exit(START_ERROR_EXIT)
 
 
-def _write_status(path: str, status: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    Path(tmp).write_text(json.dumps(status))
-    os.replace(tmp, path)
+class StatusFile:
+    """The outcome file; its directory is opened before any mount can cover it."""
+
+    def __init__(self, path: str) -> None:
+        self.name = os.path.basename(path)
+        self.dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def write(self, status: dict[str, Any]) -> None:
+        tmp = f".{self.name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(status))
+        os.replace(tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
 
 
 def run(spec: dict[str, Any]) -> int:
@@ -163,6 +187,7 @@ def run(spec: dict[str, Any]) -> int:
         return 1  # the agent is already gone
     child_pid = 0
     pending: list[int] = []
+    status_file = StatusFile(str(spec["status"]))
 
     def forward(signum: int, _frame: object) -> None:
         if child_pid:
@@ -176,7 +201,7 @@ def run(spec: dict[str, Any]) -> int:
         setup_mounts(list(spec["mounts"]))
         unshare(CLONE_NEWPID, "CLONE_NEWPID")
     except StartError as exc:
-        _write_status(spec["status"], {"startError": str(exc)})
+        status_file.write({"startError": str(exc)})
         return START_ERROR_EXIT
     errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
@@ -195,14 +220,14 @@ def run(spec: dict[str, Any]) -> int:
         message += chunk
     _, status = os.waitpid(pid, 0)
     if message:
-        _write_status(spec["status"], {"startError": message.decode(errors="replace")})
+        status_file.write({"startError": message.decode(errors="replace")})
         return START_ERROR_EXIT
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        _write_status(spec["status"], {"exitCode": 128 + signum, "signal": signum})
+        status_file.write({"exitCode": 128 + signum, "signal": signum})
         return 128 + signum
     code = os.waitstatus_to_exitcode(status)
-    _write_status(spec["status"], {"exitCode": code})
+    status_file.write({"exitCode": code})
     return code
 
 

@@ -340,6 +340,10 @@ class PodWorker(threading.Thread):
                     "readOnly": read_only or bool(mount.get("readOnly")),
                 }
             )
+        # HOME (and the default working directory) stay reachable even when a volume
+        # covers a parent of the agent's state directory (an emptyDir at /tmp).
+        home = str(self.dir / "home")
+        mounts.append({"source": home, "target": home, "readOnly": False})
         message_path = str(run.spec.get("terminationMessagePath") or "/dev/termination-log")
         message_file = self._termination_file(run)
         message_file.write_bytes(b"")

@@ -183,6 +183,9 @@ def test_volumes_env_and_termination_message(kube: Kube, node: Node, namespace: 
         test "$CFG_greeting" = hello
         echo "pod=$POD_NAME ns=$POD_NAMESPACE node=$NODE_NAME sa=$SA ip=$POD_IP derived=$DERIVED"
         test "$(pwd)" = $MNT/work
+        test -d "$HOME" && echo home > "$HOME/file"
+        test ! -e /tmp/kubetune-nodeagent-host-marker  # /tmp is the pod's emptyDir, not the host's
+        echo shm > /dev/shm/file
         echo "all checks passed" > /dev/termination-log
     """
     spec = node.pin(
@@ -217,6 +220,10 @@ def test_volumes_env_and_termination_message(kube: Kube, node: Node, namespace: 
                     ],
                     envFrom=[{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
                     volumeMounts=[
+                        # Like the operator's trainer pod: emptyDirs over /tmp (where the test
+                        # agent keeps its state, so volume sources must not be hidden) and /dev/shm.
+                        {"name": "tmp", "mountPath": "/tmp"},
+                        {"name": "shm", "mountPath": "/dev/shm"},
                         {"name": "config", "mountPath": f"{MNT}/config"},
                         {"name": "scratch", "mountPath": f"{MNT}/scratch"},
                     ],
@@ -231,9 +238,12 @@ def test_volumes_env_and_termination_message(kube: Kube, node: Node, namespace: 
                     },
                 },
                 {"name": "scratch", "emptyDir": {}},
+                {"name": "tmp", "emptyDir": {}},
+                {"name": "shm", "emptyDir": {"medium": "Memory"}},
             ],
         }
     )
+    Path("/tmp/kubetune-nodeagent-host-marker").touch()
     create_pod(kube, namespace, "volumes", spec)
     pod = wait_phase(kube, namespace, "volumes", "Succeeded", "Failed")
     log = node.log(namespace, "volumes", "main")
