@@ -26,8 +26,8 @@ Body = Mapping[str, Any]
 
 #: Exit codes after which a retry cannot help: the Job fails at once (podFailurePolicy FailJob).
 NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_DATA, EXIT_INVALID_CONFIG, EXIT_WORLD_SIZE_MISMATCH)
-#: UID/GID the trainer runs as (the trainer image's non-root user).
-TRAINER_UID = 1000
+#: UID/GID the trainer runs as: the trainer image's non-root user (USER 65532:65532 in its Dockerfile).
+TRAINER_UID = 65532
 #: Scratch space (the trainer's workDir lives under it); the root filesystem is read-only.
 SCRATCH_DIR = "/tmp"
 DEFAULT_BACKOFF_LIMIT = 3

@@ -314,3 +314,13 @@ def test_example_manifest_renders(crd: Any, make_ftj: Any) -> None:
     objects = builders.children(ftj, TRAINER_IMAGE)
     config = json.loads(objects[0]["data"]["config.json"])
     assert config["output"]["uri"] == example["spec"]["output"]["uri"]
+
+
+def test_pod_runs_as_the_trainer_images_user(make_ftj: Any) -> None:
+    """runAsUser must match the trainer image's USER, or its files may not be readable."""
+    dockerfile = Path(__file__).resolve().parents[2] / "trainer_image" / "Dockerfile"
+    users = [line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("USER ")]
+    assert users, "the trainer Dockerfile sets no USER"
+    uid, _, gid = users[-1].partition(":")
+    security = builders.job(make_ftj(), TRAINER_IMAGE)["spec"]["template"]["spec"]["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid or uid))
