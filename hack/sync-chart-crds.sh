@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
-# Copy the CRDs from crds/ (the single source of truth) into the Helm chart's crds/ folder.
+# Copy the CRDs from crds/ (the single source of truth: the FineTuneJob CRD and kopf's
+# peering CRDs) into the Helm chart's crds/ folder.
 #
-#   hack/sync-chart-crds.sh          copy crds/*.yaml -> charts/kubetune/crds/
+#   hack/sync-chart-crds.sh          copy crds/*.yaml -> charts/kubetune/crds/, remove copies
+#                                    whose source is gone
 #   hack/sync-chart-crds.sh --check  change nothing; exit 1 and name the files that drifted
 #
-# The chart also ships kopf's peering CRDs (charts/kubetune/crds/kopf.dev_peerings.yaml);
-# that file has no counterpart in crds/ and is left alone. Chart copies of kubetune.dev CRDs
-# whose source was removed from crds/ are deleted (or reported with --check).
 # tests/chart/test_crd_sync.py runs the --check mode.
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 src="$repo/crds"
 dst="$repo/charts/kubetune/crds"
-chart_only="kopf.dev_peerings.yaml"
 check=0
 case "${1:-}" in
   --check) check=1 ;;
@@ -31,10 +29,6 @@ fi
 drift=0
 for file in "${sources[@]}"; do
   name="$(basename "$file")"
-  if [ "$name" = "$chart_only" ]; then
-    echo "sync-chart-crds: crds/$name clashes with the chart-only file of that name" >&2
-    exit 1
-  fi
   if ! cmp -s "$file" "$dst/$name"; then
     drift=1
     if [ $check -eq 1 ]; then
@@ -49,7 +43,7 @@ done
 
 for copy in "$dst"/*.yaml; do
   name="$(basename "$copy")"
-  if [ "$name" != "$chart_only" ] && [ ! -e "$src/$name" ]; then
+  if [ ! -e "$src/$name" ]; then
     drift=1
     if [ $check -eq 1 ]; then
       echo "sync-chart-crds: charts/kubetune/crds/$name has no source in crds/" >&2

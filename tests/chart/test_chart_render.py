@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import CHART_DIR, KUBE_VERSION, Helm, container_env, find, one
+from .conftest import CHART_DIR, KUBE_VERSION, REPO_ROOT, Helm, container_env, find, one
 
 NAMESPACED_VERBS = {
     ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
@@ -253,6 +253,9 @@ def test_notes_tell_what_to_do_next(helm: Helm) -> None:
     assert "Mode: cluster-wide" in proc.stdout
     assert "kubectl -n ops rollout status deployment/kt-kubetune" in proc.stdout
     assert "kubectl get ftj" in proc.stdout
+    for path in ("examples/finetunejob.yaml", "hack/argocd/finetunejob-health.lua", "docs/install.md"):
+        assert path in proc.stdout
+        assert (REPO_ROOT / path).exists(), f"NOTES.txt points at {path}, which does not exist"
     proc = helm.run(
         "install",
         "kt",

@@ -26,9 +26,13 @@ def test_chart_crds_match_the_source() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_chart_ships_kopf_peering_crds() -> None:
-    docs = [d for d in yaml.safe_load_all((CHART_DIR / "crds" / "kopf.dev_peerings.yaml").read_text()) if d]
-    assert {d["metadata"]["name"] for d in docs} == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+def test_chart_ships_exactly_the_source_crds() -> None:
+    """The FineTuneJob CRD and kopf's peering CRDs, and nothing that is not in crds/."""
+    names = set()
+    for path in (CHART_DIR / "crds").glob("*.yaml"):
+        assert (REPO_ROOT / "crds" / path.name).exists(), f"charts/kubetune/crds/{path.name} has no source"
+        names |= {d["metadata"]["name"] for d in yaml.safe_load_all(path.read_text()) if d}
+    assert {"finetunejobs.kubetune.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= names
 
 
 def _fake_repo(tmp_path: Path) -> Path:
@@ -57,5 +61,7 @@ def test_check_mode_reports_drift_and_sync_repairs_it(tmp_path: Path) -> None:
     proc = subprocess.run([str(script)], capture_output=True, text=True, check=True)
     assert (root / "charts" / "kubetune" / "crds" / source.name).read_bytes() == source.read_bytes()
     assert not stale.exists()
-    assert (root / "charts" / "kubetune" / "crds" / "kopf.dev_peerings.yaml").exists()
+    assert sorted(p.name for p in (root / "charts" / "kubetune" / "crds").glob("*.yaml")) == sorted(
+        p.name for p in (root / "crds").glob("*.yaml")
+    )
     subprocess.run([str(script), "--check"], check=True, capture_output=True)

@@ -206,6 +206,10 @@ def test_operator_runs_with_the_charts_env_rbac_and_probes(
         for kind in ("configmap", "serviceaccount", "role", "rolebinding"):
             listed = kubectl.json("-n", namespace, "get", kind, "-l", f"kubetune.dev/finetunejob={name}")
             assert listed["items"], f"no {kind} for {name}"
+        # GitOps: after the operator has reconciled it, the FineTuneJob in git still matches the
+        # live object (defaults come from the schema; the operator writes only status/annotations).
+        diff = kubectl.run("diff", "-f", "-", stdin=yaml.safe_dump(manifest))
+        assert diff.returncode == 0, f"kubectl diff shows drift:\n{diff.stdout}{diff.stderr}"
         peering = kubectl.json("-n", namespace, "get", "kopfpeering", operator_release["release"])
         assert peering.get("status"), "the operator never announced itself in its KopfPeering"
     finally:
