@@ -173,3 +173,21 @@ def test_dockerignore_lets_every_copy_source_through(image: str) -> None:
     # The context stays small: the tests, the virtualenv and git history are not sent.
     for excluded in (".venv/bin/python", "tests/conftest.py", ".git/HEAD", "charts/kubetune/Chart.yaml"):
         assert not _dockerignore_allows(excluded, patterns), excluded
+
+
+def test_trainer_image_has_what_the_operators_job_runs() -> None:
+    """The Job's command (python, or accelerate launch for several GPUs) exists in the trainer
+    image: python from the base image, accelerate from the locked `trainer` extra."""
+    from kubetune_operator.builders import trainer_command
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    trainer_packages = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0] for req in extras["trainer"]}
+    steps = instructions(DOCKERFILES["trainer"])
+    path_env = next(a for w, a in steps if w == "ENV" and "PATH=/opt/venv/bin" in a)
+    assert "PATH=/opt/venv/bin:$PATH" in path_env
+    for gpus in (0, 1, 4):
+        command = trainer_command(gpus)
+        assert command[0] in {"python", "accelerate"}, command
+        if command[0] == "accelerate":
+            assert "accelerate" in trainer_packages
+        assert command[command.index("-m") + 1] == MODULES["trainer"]
