@@ -18,6 +18,14 @@ from typing import Any
 
 import pytest
 
+#: Bytecode cache for torch/transformers/trl, outside the repository and the venv. The venv ships
+#: no .pyc files and PYTHONDONTWRITEBYTECODE is set here, so without it every trainer process
+#: compiles those libraries from source again (about 30 s of CPU each on this machine).
+PYCACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune" / "pycache"
+if sys.pycache_prefix is None:
+    sys.pycache_prefix = str(PYCACHE)
+    sys.dont_write_bytecode = False
+
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
 ROLE_WORDS = "<|user|> <|assistant|> <|system|> ### Human: Assistant: name the color after what follows comes"
 
@@ -196,6 +204,8 @@ def trainer_run(s3_env: dict[str, str], bucket: str, tmp_path: Path) -> TrainerR
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_JOB_", "KUBECONFIG"))}
     env.update(s3_env)
     env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix or str(PYCACHE)
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["OMP_NUM_THREADS"] = "1"

@@ -72,7 +72,7 @@ CASES = [
     Case(
         "non-utf8",
         {"train.jsonl": to_jsonl(GOOD[:1]) + b'{"text": "caf\xe9"}\n'},
-        ["train.jsonl line 2: not valid UTF-8 (byte 0xe9 at column 13)"],
+        ["train.jsonl line 2: not valid UTF-8 (byte 0xe9 at column 14)"],
     ),
     Case("missing-object", {}, ["data/train.jsonl: not found"]),
     Case(

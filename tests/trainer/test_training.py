@@ -128,7 +128,7 @@ def test_format_trains_and_publishes(
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
 
     # Checkpoints every 6 steps with their marker; saveTotalLimit 2 honoured in storage.
-    checkpoints = {k.split("/")[3] for k in stored if k.startswith("checkpoints/")}
+    checkpoints = {k.split("/")[1] for k in stored if k.startswith("checkpoints/")}
     assert checkpoints == {"step-6", "step-12"}
     assert "checkpoints/step-12/_COMPLETE" in stored
 
