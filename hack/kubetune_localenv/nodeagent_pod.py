@@ -145,6 +145,7 @@ class PodWorker(threading.Thread):
         self.volumes: dict[str, tuple[Path, bool]] = {}
         self._transitions: dict[str, tuple[str, str]] = {}
         self._last_sent: JSON | None = None
+        self._retry_publish_at = 0.0
 
     # -- called by the agent -----------------------------------------------------
     def update(self, pod: JSON) -> None:
@@ -591,7 +592,7 @@ class PodWorker(threading.Thread):
     def _publish(self) -> None:
         """Patch the pod's status if it changed since the last successful patch."""
         status = self.status()
-        if status == self._last_sent:
+        if status == self._last_sent or time.monotonic() < self._retry_publish_at:
             return
         meta = self.pod["metadata"]
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
@@ -603,9 +604,11 @@ class PodWorker(threading.Thread):
                 self.request_stop(0, delete_object=False)
             else:
                 log.warning("pod %s: status: %s", self.key, exc)
+                self._retry_publish_at = time.monotonic() + RETRY_SECONDS
             return
-        except Exception as exc:  # the API server may be briefly unreachable; retry next tick
+        except Exception as exc:  # the API server may be briefly unreachable; retry soon
             log.warning("pod %s: status: %s", self.key, exc)
+            self._retry_publish_at = time.monotonic() + RETRY_SECONDS
             return
         self._last_sent = status
 

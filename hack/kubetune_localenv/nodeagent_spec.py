@@ -25,6 +25,7 @@ from .nodeagent_sched import parse_quantity
 JSON = dict[str, Any]
 DEFAULT_MODE = 0o644
 MAX_TOKEN_AGE = 24 * 3600.0
+TOKEN_RETRY_SECONDS = 10.0
 
 
 class NotReadyError(Exception):
@@ -188,6 +189,7 @@ class PodSpecResolver:
     def refresh_tokens(self) -> None:
         for token in self.tokens:
             if time.time() >= token.refresh_at:
+                token.refresh_at = time.time() + TOKEN_RETRY_SECONDS  # if this attempt fails
                 self._request_token(token)
 
     def _write_projected(self, target: Path, volume: JSON) -> None:

@@ -361,6 +361,37 @@ def test_failure_exit_code_and_messages(kube: Kube, node: Node, namespace: str) 
     assert "/no/such/binary" in start_error["message"]
 
 
+def test_init_containers_run_in_order_before_the_containers(kube: Kube, node: Node, namespace: str) -> None:
+    mounts = [{"name": "data", "mountPath": f"{MNT}/init"}]
+
+    def pod_spec(second_init: str) -> JSON:
+        return node.pin(
+            {
+                "restartPolicy": "Never",
+                "initContainers": [
+                    shell("one", f"sleep 0.5; echo one >> {MNT}/init/order", volumeMounts=mounts),
+                    shell("two", second_init, volumeMounts=mounts),
+                ],
+                "containers": [shell("main", f"cat {MNT}/init/order", volumeMounts=mounts)],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            }
+        )
+
+    create_pod(kube, namespace, "inits", pod_spec(f"echo two >> {MNT}/init/order"))
+    create_pod(kube, namespace, "bad-init", pod_spec("exit 7"))
+    pod = wait_phase(kube, namespace, "inits", "Succeeded", "Failed")
+    assert pod["status"]["phase"] == "Succeeded"
+    assert node.log(namespace, "inits", "main") == "one\ntwo\n"
+    inits = pod["status"]["initContainerStatuses"]
+    assert [s["state"]["terminated"]["reason"] for s in inits] == ["Completed", "Completed"]
+
+    bad = wait_phase(kube, namespace, "bad-init", "Succeeded", "Failed")
+    assert bad["status"]["phase"] == "Failed"
+    second = next(s for s in bad["status"]["initContainerStatuses"] if s["name"] == "two")
+    assert second["state"]["terminated"]["exitCode"] == 7
+    assert "waiting" in container_status(bad, "main")["state"]  # never started
+
+
 def test_job_runs_to_completion_with_restart_in_place(kube: Kube, node: Node, namespace: str) -> None:
     # Fails once (restartPolicy OnFailure restarts it in the same pod), then succeeds.
     script = f"""
@@ -531,6 +562,13 @@ def test_agent_stop_and_kill_leave_no_processes(local_env: LocalEnv, kube: Kube,
         os.kill(agent.popen.pid, signal.SIGKILL)
         agent.popen.wait()
         wait_for("container processes to die with the agent", lambda: processes_with(token) == [], timeout=10)
+
+        # A restarted agent cannot adopt what the killed one ran: it reports the pod lost.
+        agent = start_agent(local_env, node_name=name, extra_args=[TAINT_ARG, "--no-bind"])
+        pod = wait_phase(kube, namespace, "killed", "Failed")
+        lost = container_status(pod, "c")["state"]["terminated"]
+        assert (lost["exitCode"], lost["reason"]) == (137, "ContainerStatusUnknown")
+        agent.stop()
     finally:
         for pod_name in ("stopped", "killed"):
             try:
