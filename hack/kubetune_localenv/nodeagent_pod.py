@@ -193,7 +193,7 @@ class PodWorker(threading.Thread):
         if self._terminal():
             self.shutdown = False  # a finished pod keeps its phase when the agent stops
         self._terminate(self.stop_grace)
-        self._publish()
+        self._publish(final=True)
         if self.delete_object:
             self._delete_object()
         self._cleanup()
@@ -589,10 +589,10 @@ class PodWorker(threading.Thread):
             status["message"] = "Pod was terminated in response to imminent node shutdown."
         return status
 
-    def _publish(self) -> None:
+    def _publish(self, *, final: bool = False) -> None:
         """Patch the pod's status if it changed since the last successful patch."""
         status = self.status()
-        if status == self._last_sent or time.monotonic() < self._retry_publish_at:
+        if status == self._last_sent or (time.monotonic() < self._retry_publish_at and not final):
             return
         meta = self.pod["metadata"]
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"

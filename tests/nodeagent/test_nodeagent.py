@@ -243,9 +243,13 @@ def test_volumes_env_and_termination_message(kube: Kube, node: Node, namespace: 
             ],
         }
     )
-    Path("/tmp/kubetune-nodeagent-host-marker").touch()
-    create_pod(kube, namespace, "volumes", spec)
-    pod = wait_phase(kube, namespace, "volumes", "Succeeded", "Failed")
+    host_marker = Path("/tmp/kubetune-nodeagent-host-marker")
+    host_marker.touch()
+    try:
+        create_pod(kube, namespace, "volumes", spec)
+        pod = wait_phase(kube, namespace, "volumes", "Succeeded", "Failed")
+    finally:
+        host_marker.unlink()
     log = node.log(namespace, "volumes", "main")
     assert pod["status"]["phase"] == "Succeeded", log
     assert pod["spec"]["nodeName"] == node.name
