@@ -1,8 +1,8 @@
-"""Fixtures for the trainer tests: a tiny random Llama, a tiny tokenizer, datasets, a runner.
+"""Fixtures for the trainer tests: a tiny random Llama, datasets, a runner, a FineTuneJob.
 
-The model is built once per session from a LlamaConfig with tiny dimensions and
-a WordLevel tokenizer trained on the test data, saved like a real model folder,
-and uploaded to each test's bucket like a real base model.
+The model (``kubetune_localenv.tinymodel``: a LlamaConfig with tiny dimensions and a
+WordLevel tokenizer trained on the test data) is built once per session, saved like a
+real model folder, and uploaded to each test's bucket like a real base model.
 """
 
 from __future__ import annotations
@@ -11,12 +11,35 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kubetune_localenv.tinymodel import (
+    RECORDS,
+    alpaca_records,
+    build_model,
+    build_tokenizer,
+    chat_records,
+    to_jsonl,
+    upload_folder,
+)
+from kubetune_trainer.reporting import GROUP, PLURAL, VERSION, JobRef
+
+__all__ = [
+    "RECORDS",
+    "TrainerRun",
+    "alpaca_records",
+    "build_tokenizer",
+    "chat_records",
+    "to_jsonl",
+    "upload_folder",
+]
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
 
 #: Bytecode cache for torch/transformers/trl, outside the repository and the venv. The venv ships
 #: no .pyc files and PYTHONDONTWRITEBYTECODE is set here, so without it every trainer process
@@ -26,113 +49,11 @@ if sys.pycache_prefix is None:
     sys.pycache_prefix = str(PYCACHE)
     sys.dont_write_bytecode = False
 
-COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
-ROLE_WORDS = "<|user|> <|assistant|> <|system|> ### Human: Assistant: name the color after what follows comes"
-
-
-def _next(color: str) -> str:
-    return COLORS[(COLORS.index(color) + 1) % len(COLORS)]
-
-
-def alpaca_records(n: int = 32) -> list[dict[str, Any]]:
-    return [
-        {"instruction": "name the color after", "input": c, "output": f"{_next(c)} comes after {c}"}
-        for c in (COLORS[i % len(COLORS)] for i in range(n))
-    ]
-
-
-def chat_records(n: int = 32) -> list[dict[str, Any]]:
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"what follows {c}"},
-                {"role": "assistant", "content": f"{_next(c)} follows {c}"},
-            ]
-        }
-        for c in (COLORS[i % len(COLORS)] for i in range(n))
-    ]
-
-
-def prompt_completion_records(n: int = 32) -> list[dict[str, Any]]:
-    return [
-        {"prompt": f"after {c} comes", "completion": f" {_next(c)} then {_next(_next(c))}"}
-        for c in (COLORS[i % len(COLORS)] for i in range(n))
-    ]
-
-
-def text_records(n: int = 32) -> list[dict[str, Any]]:
-    return [
-        {"text": f"### Human: what follows {c} ### Assistant: {_next(c)} follows {c}"}
-        for c in (COLORS[i % len(COLORS)] for i in range(n))
-    ]
-
-
-RECORDS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
-    "alpaca": alpaca_records,
-    "chat": chat_records,
-    "prompt_completion": prompt_completion_records,
-    "text": text_records,
-}
-
-
-def to_jsonl(records: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in records).encode()
-
-
-def _corpus() -> list[str]:
-    texts = [ROLE_WORDS]
-    for make in RECORDS.values():
-        texts.extend(json.dumps(r) for r in make(len(COLORS)))
-    return texts
-
-
-def build_tokenizer() -> Any:
-    """A WordLevel tokenizer over the test vocabulary, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(
-        _corpus(), trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
-    )
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny random Llama (2 layers, hidden 64) with its tokenizer (no chat template)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def upload_folder(s3_client: Any, folder: Path, bucket: str, prefix: str) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            s3_client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return build_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @dataclass
@@ -210,3 +131,33 @@ def trainer_run(s3_env: dict[str, str], bucket: str, tmp_path: Path) -> TrainerR
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["OMP_NUM_THREADS"] = "1"
     return TrainerRun(bucket=bucket, work=tmp_path, env=env, config=base_config(bucket, tmp_path))
+
+
+@pytest.fixture
+def finetunejob(local_env: Any, kube_api: Any, namespace: str) -> JobRef:
+    """The real CRD applied to the real apiserver, and one FineTuneJob in a fresh namespace."""
+    from kubernetes import client
+
+    local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    local_env.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "progress-test"},
+        "spec": {
+            "model": {"source": "s3://models/tiny"},
+            "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/progress-test"},
+        },
+    }
+    api = client.CustomObjectsApi(kube_api)
+    deadline = time.monotonic() + 30
+    while True:  # the new CRD's REST endpoint can lag "Established" by a moment
+        try:
+            api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            break
+        except client.ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    return JobRef(namespace=namespace, name="progress-test")

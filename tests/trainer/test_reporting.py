@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,6 @@ from kubetune_trainer.reporting import (
     status_patcher,
     write_termination_message,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
 
 
 class Clock:
@@ -76,36 +72,6 @@ def test_termination_message_stays_under_4kib_and_valid_json(tmp_path: Path) -> 
     data = path.read_bytes()
     assert len(data) < 4096
     assert json.loads(data) == {"phase": "Succeeded", "globalStep": 500}
-
-
-@pytest.fixture
-def finetunejob(local_env: Any, kube_api: Any, namespace: str) -> JobRef:
-    """The real CRD applied to the real apiserver, and one FineTuneJob in a fresh namespace."""
-    from kubernetes import client
-
-    local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    local_env.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "progress-test"},
-        "spec": {
-            "model": {"source": "s3://models/tiny"},
-            "dataset": {"train": "s3://data/train.jsonl"},
-            "output": {"uri": "s3://out/progress-test"},
-        },
-    }
-    api = client.CustomObjectsApi(kube_api)
-    deadline = time.monotonic() + 30
-    while True:  # the new CRD's REST endpoint can lag "Established" by a moment
-        try:
-            api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-            break
-        except client.ApiException as exc:
-            if exc.status != 404 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    return JobRef(namespace=namespace, name="progress-test")
 
 
 @pytest.mark.cluster

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from kubetune_trainer.reporting import GROUP, PLURAL, VERSION, JobRef
+
 from .conftest import RECORDS, TrainerRun, to_jsonl, upload_folder
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -72,6 +74,23 @@ def _get(s3_client: Any, bucket: str, key: str) -> bytes:
     return body
 
 
+def _assert_progress_reported(kube_api: Any, job: JobRef, bucket: str) -> None:
+    from kubernetes import client
+
+    obj: Any = client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+        GROUP, VERSION, job.namespace, PLURAL, job.name
+    )
+    progress = obj["status"]["progress"]
+    assert progress["step"] == 12
+    assert progress["totalSteps"] == 12
+    assert progress["lastCheckpoint"] == f"s3://{bucket}/out/job-1/checkpoints/step-12"
+    assert 0 < progress["loss"] < 10
+    assert progress["tokensPerSecond"] > 0
+    assert progress["epoch"] > 1
+    assert "learningRate" in progress
+    assert progress["updateTime"].endswith("Z")
+
+
 def _assert_adapter_changes_output(s3_client: Any, bucket: str, model_dir: Path, tmp_path: Path) -> None:
     import torch
     from peft import PeftModel
@@ -94,10 +113,20 @@ def _assert_adapter_changes_output(s3_client: Any, bucket: str, model_dir: Path,
 
 @pytest.mark.parametrize("fmt", list(FORMAT_FILES))
 def test_format_trains_and_publishes(
-    fmt: str, trainer_run: TrainerRun, s3_client: Any, tiny_model_dir: Path, tmp_path: Path
+    fmt: str,
+    trainer_run: TrainerRun,
+    s3_client: Any,
+    tiny_model_dir: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     run, bucket = trainer_run, trainer_run.bucket
+    tmp_path = run.work
     _prepare(run, s3_client, tiny_model_dir, fmt)
+    job: JobRef | None = None
+    if fmt == "chat":  # report progress to a real FineTuneJob on the real apiserver
+        job = request.getfixturevalue("finetunejob")
+        run.env["KUBECONFIG"] = str(request.getfixturevalue("local_env").kubeconfig)
+        run.config["reporting"].update(name=job.name, namespace=job.namespace, intervalSeconds=0.5)
     if fmt == "text":  # a job name with no FineTuneJob behind it: reporting fails, training must not
         run.env["KUBETUNE_JOB_NAME"] = "no-such-job"
         run.env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
@@ -138,6 +167,8 @@ def test_format_trains_and_publishes(
 
     if fmt == "text":
         assert log.count("could not patch the FineTuneJob status") == 1
+    if job is not None:
+        _assert_progress_reported(request.getfixturevalue("kube_api"), job, bucket)
     _assert_adapter_changes_output(s3_client, bucket, tiny_model_dir, tmp_path)
 
 

@@ -1,7 +1,5 @@
 """``python -m kubetune_trainer --config PATH`` (also under ``accelerate launch``)."""
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import argparse

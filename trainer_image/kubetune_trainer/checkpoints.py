@@ -6,8 +6,6 @@ complete checkpoint is where a restarted pod resumes; ``saveTotalLimit`` is
 applied to the complete ones in storage as well as on local disk.
 """
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import json

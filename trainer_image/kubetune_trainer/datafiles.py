@@ -5,8 +5,6 @@ any model is loaded. Problems are collected (not raised one by one) so that one
 run reports the first N of them, each as ``"<file> line <n>: <what>"``.
 """
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import csv

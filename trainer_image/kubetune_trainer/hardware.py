@@ -4,8 +4,6 @@ The decisions are pure functions of a :class:`Hardware` description so they can
 be tested without a GPU; :func:`probe` fills it in from torch at run time.
 """
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import os

@@ -1,7 +1,5 @@
 """The base model, its tokenizer, quantization and the LoRA adapter config."""
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import logging

@@ -5,8 +5,6 @@ unreachable or the ServiceAccount lacks a permission; the first failure is
 logged once, later ones silently retried at the next interval.
 """
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import json
@@ -63,12 +61,14 @@ def status_patcher(ref: JobRef) -> Callable[[dict[str, Any]], None]:
 
     Uses the pod's ServiceAccount (in-cluster), or ``$KUBECONFIG`` when set.
     """
-    from kubernetes import client, config
+    from kubernetes import client
+    from kubernetes import config as kube_config
 
+    loader: Any = kube_config  # its loaders are untyped
     if os.environ.get("KUBECONFIG"):
-        api_client = config.new_client_from_config(os.environ["KUBECONFIG"])  # type: ignore[no-untyped-call]
+        api_client = loader.new_client_from_config(os.environ["KUBECONFIG"])
     else:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        loader.load_incluster_config()
         api_client = client.ApiClient()
     api = client.CustomObjectsApi(api_client)
 

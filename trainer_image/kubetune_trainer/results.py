@@ -11,8 +11,6 @@ Layout under ``output.uri`` (next to ``checkpoints/``)::
     manifest.json                                     every file above: size and sha256 -- LAST
 """
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import hashlib

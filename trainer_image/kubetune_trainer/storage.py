@@ -6,8 +6,6 @@ Credentials come from the environment (``AWS_*`` variables, a mounted web
 identity token, an instance profile), never from the config.
 """
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import logging

@@ -4,8 +4,6 @@ Heavy libraries (torch, transformers, peft, trl) are imported inside functions,
 like trl's ``scripts/sft.py``, so a bad dataset fails in about a second.
 """
 
-# ruff: noqa: PLC0415 -- heavy libraries are imported where used, to keep start-up light
-
 from __future__ import annotations
 
 import contextlib
@@ -144,7 +142,7 @@ def sft_config(
         bf16=precision.precision == "bf16",
         fp16=precision.precision == "fp16",
         use_cpu=not hw.cuda,
-        gradient_checkpointing=gc,
+        activation_checkpointing=gc,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
