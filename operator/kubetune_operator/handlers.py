@@ -78,7 +78,13 @@ def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _reconcile(
-    memo: kopf.Memo, trigger: str, namespace: str | None, name: str | None, *, ensure_all: bool = False
+    memo: kopf.Memo,
+    trigger: str,
+    namespace: str | None,
+    name: str | None,
+    *,
+    ensure_all: bool = False,
+    retry_when_blocked: bool = False,
 ) -> None:
     if not namespace or not name:  # FineTuneJobs, Jobs and Pods are all namespaced and named
         return
@@ -98,6 +104,9 @@ def _reconcile(
         return
     metrics.phases.set(namespace, name, outcome.after.phase)
     _announce(metrics, outcome)
+    if outcome.blocked and retry_when_blocked:
+        # Nothing we watch announces the end of another owner's garbage collection: retry.
+        raise kopf.TemporaryError(f"waiting for {', '.join(outcome.blocked)} to be deleted", delay=5)
 
 
 def _announce(metrics: Metrics, outcome: Outcome) -> None:
@@ -118,13 +127,13 @@ def _announce(metrics: Metrics, outcome: Outcome) -> None:
 @kopf.on.create(*FTJ)
 def finetunejob_create(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A new FineTuneJob: create its children and its first status."""
-    _reconcile(memo, "create", namespace, name)
+    _reconcile(memo, "create", namespace, name, retry_when_blocked=True)
 
 
 @kopf.on.resume(*FTJ)
 def finetunejob_resume(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Operator start: adopt what exists, re-create any missing child, recompute status."""
-    _reconcile(memo, "resume", namespace, name, ensure_all=True)
+    _reconcile(memo, "resume", namespace, name, ensure_all=True, retry_when_blocked=True)
 
 
 @kopf.on.update(*FTJ, field="spec")

@@ -29,6 +29,8 @@ class Outcome:
     after: status.Verdict
     patched: bool
     created: tuple[str, ...] = ()
+    #: Children whose names are held by objects of another owner (the Job waits for them).
+    blocked: tuple[str, ...] = ()
 
 
 def _verdict_of(previous: Mapping[str, Any]) -> status.Verdict | None:
@@ -70,20 +72,28 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
 
-    def ensure_children(self, ftj: Mapping[str, Any]) -> tuple[Obj | None, tuple[str, ...]]:
+    def ensure_children(self, ftj: Mapping[str, Any]) -> tuple[Obj | None, tuple[str, ...], tuple[str, ...]]:
         """Create every missing child (ConfigMap, ServiceAccount, Role, RoleBinding, Job).
 
-        Returns the Job (None if a foreign Job holds the name) and the kinds created.
+        Returns the Job, the kinds created, and the children blocked by a same-named object of
+        another owner (typically a deleted FineTuneJob of the same name whose children the
+        garbage collector has not removed yet). While anything is blocked, the Job is not
+        created (it would mount the other owner's config); None is returned instead.
         """
         created: list[str] = []
+        blocked: list[str] = []
         job: Obj | None = None
         for obj in builders.children(ftj, self.default_image):
+            if obj["kind"] == "Job" and blocked:
+                break
             actual, was_created = self.kube.ensure(obj)
             if was_created:
                 created.append(obj["kind"])
-            if obj["kind"] == "Job":
-                job = actual if _owned_by(actual, ftj) else None
-        return job, tuple(created)
+            if not _owned_by(actual, ftj):
+                blocked.append(f"{obj['kind']} {obj['metadata']['name']}")
+            elif obj["kind"] == "Job":
+                job = actual
+        return job, tuple(created), tuple(blocked)
 
     def align_job(self, ftj: Mapping[str, Any], job: Obj) -> Obj:
         """Apply spec.suspend and spec.lifecycle changes to the Job."""
@@ -109,18 +119,19 @@ class Reconciler:
             if job is not None and not _owned_by(job, ftj):
                 job = None  # a same-named Job of a deleted FineTuneJob, still being collected
             created: tuple[str, ...] = ()
+            blocked: tuple[str, ...] = ()
             may_create = previous.get("phase") not in status.TERMINAL_PHASES
             if (job is None and not _created_before(ftj)) or (ensure_all and job is not None and may_create):
-                job, created = self.ensure_children(ftj)
+                job, created, blocked = self.ensure_children(ftj)
             if job is not None:
                 job = self.align_job(ftj, job)
             pods: list[Obj] = []
             if job is not None:
                 selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
                 pods = self.kube.list(PODS, namespace, selector)
-            desired = status.compute(ftj, job, pods, self.clock())
+            desired = status.compute(ftj, job, pods, self.clock(), blocked=blocked)
             patch = status.patch(previous, desired)
             if patch is not None:
                 ftj = self.kube.patch(FINETUNEJOBS, namespace, name, {"status": patch}, "status")
             after = status.Verdict(desired["phase"], desired.get("reason", ""), desired.get("message", ""))
-            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created)
+            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created, blocked)

@@ -174,7 +174,7 @@ def _pending_verdict(pods: Sequence[Body]) -> Verdict:
     return Verdict(PENDING, "WaitingForPod", "waiting for the Job to create the trainer pod")
 
 
-def verdict(ftj: Body, job: Body | None, pods: Sequence[Body]) -> Verdict:
+def verdict(ftj: Body, job: Body | None, pods: Sequence[Body], blocked: Sequence[str] = ()) -> Verdict:
     """The phase, from the Job's conditions and the Pods' states.
 
     The previous status matters only once the Job is gone (e.g. deleted by its TTL).
@@ -186,6 +186,9 @@ def verdict(ftj: Body, job: Body | None, pods: Sequence[Body]) -> Verdict:
             return Verdict(previous["phase"], previous.get("reason", ""), previous.get("message", ""))
         if _condition_true(previous, "Created"):
             return Verdict(FAILED, "JobDeleted", "the trainer Job was deleted before it finished")
+        if blocked:
+            held = ", ".join(blocked)
+            return Verdict(PENDING, "WaitingForCleanup", f"names held by objects of another owner: {held}")
         return Verdict(PENDING, "Creating", "creating the trainer Job")
     if _job_condition(job, "Complete", "SuccessCriteriaMet"):
         pod = _latest_terminated([p for p in pods if p.get("status", {}).get("phase") == "Succeeded"])
@@ -297,12 +300,17 @@ def _not_running_reason(phase: str) -> str:
     }.get(phase, "NotRunning")
 
 
-def compute(ftj: Body, job: Body | None, pods: Sequence[Body], now: datetime.datetime) -> Obj:
-    """The operator-owned status fields (see :data:`OWNED_KEYS`); absent keys mean "unset"."""
+def compute(
+    ftj: Body, job: Body | None, pods: Sequence[Body], now: datetime.datetime, blocked: Sequence[str] = ()
+) -> Obj:
+    """The operator-owned status fields (see :data:`OWNED_KEYS`); absent keys mean "unset".
+
+    ``blocked`` names children whose names are still held by another owner's objects.
+    """
     spec = ftj.get("spec", {})
     meta = ftj.get("metadata", {})
     previous: Mapping[str, Any] = ftj.get("status") or {}
-    result = verdict(ftj, job, pods)
+    result = verdict(ftj, job, pods, blocked)
     generation = int(meta.get("generation") or 0)
     job_gone_after_end = job is None and previous.get("phase") in TERMINAL_PHASES
     created = job is not None or job_gone_after_end or _condition_true(previous, "Created")

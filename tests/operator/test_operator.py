@@ -71,7 +71,8 @@ def test_apply_creates_the_children(operator: Any, harness: Any) -> None:
     # The Job controller creates the pod; it is the operator's pod template.
     pods = harness.wait_for("the trainer pod", lambda: harness.kubelet.pods("sft"))
     assert [p["spec"]["serviceAccountName"] for p in pods] == ["sft-trainer"]
-    assert any(e["reason"] == "Created" for e in harness.events("sft"))
+    # kopf posts events in the background: wait for them.
+    harness.wait_for("a Created event", lambda: any(e["reason"] == "Created" for e in harness.events("sft")))
 
 
 def test_lifecycle_through_pod_states(operator: Any, harness: Any) -> None:
@@ -114,8 +115,8 @@ def test_lifecycle_through_pod_states(operator: Any, harness: Any) -> None:
     assert _conditions(status) == {
         "Created": "True", "Running": "False", "Suspended": "False", "Succeeded": "True", "Failed": "False",
     }  # fmt: skip
-    reasons = [e["reason"] for e in harness.events("life")]
-    assert {"Created", "Pending", "Running", "Succeeded"} <= set(reasons)
+    expected = {"Created", "Pending", "Running", "Succeeded"}
+    harness.wait_for(f"events {expected}", lambda: expected <= {e["reason"] for e in harness.events("life")})
 
 
 def test_oomkilled_is_the_failure_reason(operator: Any, harness: Any) -> None:
@@ -130,8 +131,10 @@ def test_oomkilled_is_the_failure_reason(operator: Any, harness: Any) -> None:
     assert status["exitCode"] == 137
     assert status["completionTime"]
     assert _conditions(status)["Failed"] == "True"
-    warnings = [e for e in harness.events("oom") if e["type"] == "Warning"]
-    assert any("OOMKilled" in e["message"] for e in warnings)
+    harness.wait_for(
+        "a Warning event naming OOMKilled",
+        lambda: any(e["type"] == "Warning" and "OOMKilled" in e["message"] for e in harness.events("oom")),
+    )
 
 
 def test_invalid_data_fails_at_once(operator: Any, harness: Any) -> None:
@@ -280,3 +283,41 @@ def test_metrics_endpoint(run_operator: Any, harness: Any, monkeypatch: pytest.M
     assert 'kubetune_reconcile_total{trigger="create"}' in text
     assert 'kubetune_phase_transitions_total{phase="Suspended"}' in text
     assert "kubetune_reconcile_errors_total" in text
+
+
+def test_names_held_by_another_owner_delay_the_job(operator: Any, harness: Any) -> None:
+    """E.g. ``kubectl replace --force``: the old FineTuneJob's children are still being collected."""
+    owner = harness.get(SERVICEACCOUNTS, "default") or harness.wait_for(
+        "the default ServiceAccount", lambda: harness.get(SERVICEACCOUNTS, "default")
+    )
+    held = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "held-config",
+            "namespace": harness.namespace,
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "name": "default",
+                    "uid": owner["metadata"]["uid"],
+                }
+            ],
+        },
+        "data": {"config.json": "{}"},
+    }
+    harness.kube.create(held)
+    harness.create("held")
+    status = harness.wait_phase("held", "Pending", "WaitingForCleanup")
+    assert "ConfigMap held-config" in status["message"]
+    assert harness.get(JOBS, "held-trainer") is None  # it would mount the other owner's config
+
+    harness.kube.delete(CONFIGMAPS, harness.namespace, "held-config")
+    harness.wait_for("the Job", lambda: harness.get(JOBS, "held-trainer"), timeout=60)
+    config_map = harness.get(CONFIGMAPS, "held-config")
+    assert config_map is not None
+    assert config_map["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    harness.wait_for(
+        "the Created condition", lambda: _conditions(harness.status("held")).get("Created") == "True"
+    )

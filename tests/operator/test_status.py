@@ -274,3 +274,9 @@ def test_waiting_to_retry_after_a_failed_attempt(make_ftj: Any) -> None:
     result = status.compute(ftj, _job(ftj, failed=1), [oom], NOW)
     assert (result["phase"], result["reason"]) == ("Pending", "Retrying")
     assert "OOMKilled" in result["message"]
+
+
+def test_children_held_by_another_owner(make_ftj: Any) -> None:
+    result = status.compute(make_ftj(), None, [], NOW, blocked=["ConfigMap demo-config"])
+    assert (result["phase"], result["reason"]) == ("Pending", "WaitingForCleanup")
+    assert "ConfigMap demo-config" in result["message"]
