@@ -91,6 +91,19 @@ def _assert_progress_reported(kube_api: Any, job: JobRef, bucket: str) -> None:
     assert progress["updateTime"].endswith("Z")
 
 
+def _assert_merged_model_loads(s3_client: Any, bucket: str, listed: dict[str, Any], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merged = tmp_path / "merged"
+    names = [p for p in listed if p.startswith("merged/")]
+    assert "merged/config.json" in names
+    for name in names:
+        (merged / name).parent.mkdir(parents=True, exist_ok=True)
+        (merged / name).write_bytes(_get(s3_client, bucket, f"out/job-1/{name}"))
+    model = AutoModelForCausalLM.from_pretrained(merged / "merged")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
 def _assert_adapter_changes_output(s3_client: Any, bucket: str, model_dir: Path, tmp_path: Path) -> None:
     import torch
     from peft import PeftModel
@@ -127,6 +140,11 @@ def test_format_trains_and_publishes(
         job = request.getfixturevalue("finetunejob")
         run.env["KUBECONFIG"] = str(request.getfixturevalue("local_env").kubeconfig)
         run.config["reporting"].update(name=job.name, namespace=job.namespace, intervalSeconds=0.5)
+    if fmt == "alpaca":  # held-out evaluation
+        run.config["dataset"]["validationSplit"] = 0.25
+        run.config["training"].update(evalStrategy="steps", evalSteps=6)
+    if fmt == "prompt_completion":
+        run.config["output"]["mergeAdapter"] = True
     if fmt == "text":  # a job name with no FineTuneJob behind it: reporting fails, training must not
         run.env["KUBETUNE_JOB_NAME"] = "no-such-job"
         run.env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
@@ -169,6 +187,12 @@ def test_format_trains_and_publishes(
         assert log.count("could not patch the FineTuneJob status") == 1
     if job is not None:
         _assert_progress_reported(request.getfixturevalue("kube_api"), job, bucket)
+    if fmt == "alpaca":
+        assert isinstance(metrics["evalLoss"], float)
+        assert log.count("'eval_loss'") == 3  # evalSteps 6 over 12 steps, then the final evaluation
+        assert metrics["dataStats"]["records"] == 32  # 24 train + 8 held out, all measured
+    if fmt == "prompt_completion":
+        _assert_merged_model_loads(s3_client, bucket, listed, tmp_path)
     _assert_adapter_changes_output(s3_client, bucket, tiny_model_dir, tmp_path)
 
 

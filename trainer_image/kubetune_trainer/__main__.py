@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", exc)
         _report(cfg, {"phase": "Interrupted", "lastCheckpointStep": exc.step, "exitCode": exc.exit_code})
         return exc.exit_code
+    except Exception as exc:  # a crash: summarise it, then let the traceback and exit code 1 through
+        _report(
+            cfg, {"phase": "Failed", "reason": type(exc).__name__, "exitCode": 1, "error": str(exc)[:1000]}
+        )
+        raise
     log.info("summary: %s", json.dumps(summary, default=str))
     _report(cfg, summary)
     return 0
