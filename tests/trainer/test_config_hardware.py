@@ -117,3 +117,17 @@ def test_world_size_mismatch_exits_44(tmp_path: Path) -> None:
     assert proc.returncode == 44, proc.stderr
     summary = json.loads((tmp_path / "term").read_text())
     assert summary["reason"] == "WorldSizeMismatchError"
+
+
+def test_config_and_pipeline_modules_import_without_heavy_libraries() -> None:
+    """The operator imports the schema; the entrypoint must validate data before loading torch."""
+    code = (
+        "import sys, kubetune_trainer.config, kubetune_trainer.__main__, kubetune_trainer.train\n"
+        "names = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'boto3')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
