@@ -41,6 +41,13 @@ class LaunchError(RuntimeError):
     """A component failed to start; the message names it and shows its log's tail."""
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; unlike CalledProcessError, the message includes its stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr}"
+
+
 _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
@@ -471,7 +478,7 @@ class LocalEnv:
             timeout=120,
         )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+            raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc.stdout
 
     def env(self) -> dict[str, str]:

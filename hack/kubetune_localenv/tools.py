@@ -68,6 +68,13 @@ TOOLS: dict[str, GoTool] = {
             _K8S_VERSION_FLAGS,
         ),
         GoTool(
+            "kube-scheduler",
+            "kubernetes",
+            "k8s.io/kubernetes/cmd/kube-scheduler",
+            "k8s.io/kubernetes",
+            _K8S_VERSION_FLAGS,
+        ),
+        GoTool(
             "kubectl",
             "kubernetes",
             "k8s.io/kubernetes/cmd/kubectl",
