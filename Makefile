@@ -8,6 +8,9 @@ STATE ?= .kubetune
 # Keep the uv download cache outside the repo so a warm machine installs nothing anew.
 export UV_CACHE_DIR ?= $(HOME)/.cache/uv
 export UV_LINK_MODE ?= copy
+# Precompile bytecode at install time: with PYTHONDONTWRITEBYTECODE set (as on
+# these machines) every process would otherwise recompile torch/transformers/trl.
+export UV_COMPILE_BYTECODE ?= 1
 UV := $(shell command -v uv 2>/dev/null)
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
@@ -32,6 +35,7 @@ lint: setup ## ruff + mypy --strict
 
 test: setup tools ## the test suite: lint, type check, then unit, API-server and end-to-end tests
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 

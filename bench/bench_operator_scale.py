@@ -89,7 +89,9 @@ def run_operator(api: Any, namespace: str, count: int) -> float:
     group, version, plural = stack.FTJ
     started = time.monotonic()
     for i in range(count):
-        custom.create_namespaced_custom_object(group, version, namespace, plural, finetunejob(f"ft-{i}", namespace))
+        custom.create_namespaced_custom_object(
+            group, version, namespace, plural, finetunejob(f"ft-{i}", namespace)
+        )
 
     def succeeded() -> int:
         items = custom.list_namespaced_custom_object(group, version, namespace, plural)["items"]
@@ -100,7 +102,9 @@ def run_operator(api: Any, namespace: str, count: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=50, help=f"FineTuneJobs per run (max {MAX_JOBS})")
     parser.add_argument("--nodes", type=int, default=4, help="kwok fake GPU nodes")
     args = parser.parse_args(argv)
