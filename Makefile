@@ -11,19 +11,22 @@ export UV_LINK_MODE ?= copy
 # Precompile bytecode at install time: with PYTHONDONTWRITEBYTECODE set (as on
 # these machines) every process would otherwise recompile torch/transformers/trl.
 export UV_COMPILE_BYTECODE ?= 1
-UV := $(shell command -v uv 2>/dev/null)
+# uv from PyPI, run through the Python that installed it (no PATH or shim needed).
+UV := $(PYTHON) -m uv
+UV_DIR = $$($(PYTHON) -c 'import os, uv; print(os.path.dirname(uv.find_uv_bin()))')
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test lint typecheck unit cluster-up cluster-down cluster-status demo clean
+.PHONY: help setup tools test lint cluster-up cluster-down cluster-status demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: ## install Python deps from uv.lock into .venv (and uv itself if missing)
-	@if ! command -v uv >/dev/null 2>&1 || [ "$$(uv --version | cut -d' ' -f2)" != "$(UV_VERSION)" ]; then \
-	  $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)" || { echo "kubetune: error: could not install uv $(UV_VERSION) with '$(PYTHON) -m pip' — install Python >= 3.11 with pip"; exit 1; }; fi
-	uv sync --frozen --all-extras
+	@$(PYTHON) -c "import importlib.metadata as m, sys; sys.exit(m.version('uv') != '$(UV_VERSION)')" 2>/dev/null || \
+	  $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)" || \
+	  { echo "kubetune: error: could not install uv $(UV_VERSION) with '$(PYTHON) -m pip': install Python 3.11 with pip"; exit 1; }
+	$(UV) sync --frozen --all-extras
 
 tools: setup ## build the pinned Go binaries (etcd, kube-apiserver, kcm, kubectl, helm, versitygw, kwok) into ~/.cache/kubetune
 	$(VENV_PY) -m kubetune_localenv build
@@ -37,7 +40,7 @@ test: setup tools ## the test suite: lint, type check, then unit, API-server and
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
-	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+	PATH="$(UV_DIR):$$PATH" $(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup tools ## the main job end to end: control plane, S3, node agent, operator, a tiny QLoRA fine-tune on CPU
 	$(VENV_PY) -m kubetune_localenv.demo $(DEMO_ARGS)

@@ -63,35 +63,15 @@ def apply_example_ftj(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
 
 
 def role_for_one_job(namespace: str, job: str, extra_rules: list[dict[str, Any]] | None = None) -> str:
-    """The per-job Role the operator creates for a trainer (see the operator's builders)."""
-    rules: list[dict[str, Any]] = [
-        {
-            "apiGroups": ["kubetune.dev"],
-            "resources": ["finetunejobs"],
-            "resourceNames": [job],
-            "verbs": ["get"],
-        },
-        {
-            "apiGroups": ["kubetune.dev"],
-            "resources": ["finetunejobs/status"],
-            "resourceNames": [job],
-            "verbs": ["get", "patch"],
-        },
-        *(extra_rules or []),
-    ]
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": {"name": f"{job}-trainer", "namespace": namespace},
-        "rules": rules,
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {"name": f"{job}-trainer", "namespace": namespace},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{job}-trainer"},
-        "subjects": [{"kind": "ServiceAccount", "name": f"{job}-trainer", "namespace": namespace}],
-    }
+    """The per-job Role and RoleBinding the operator creates for a trainer (its own builders)."""
+    from kubetune_operator import builders
+
+    ftj = {"metadata": {"name": job, "namespace": namespace, "uid": "0"}, "spec": {}}
+    role, binding = builders.role(ftj), builders.role_binding(ftj)
+    role["rules"] = [*role["rules"], *(extra_rules or [])]
+    for obj in (role, binding):
+        obj["metadata"].pop("ownerReferences")  # no such FineTuneJob: the GC would delete them
+        obj["metadata"]["namespace"] = namespace
     return yaml.safe_dump_all([role, binding])
 
 

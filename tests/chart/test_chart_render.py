@@ -16,6 +16,7 @@ from .conftest import CHART_DIR, KUBE_VERSION, REPO_ROOT, Helm, container_env, f
 NAMESPACED_VERBS = {
     ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("kubetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
+    ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},

@@ -96,6 +96,11 @@ the ClusterRole; in namespace-scoped mode into a Role in each watched namespace.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch", "update"]
+# Children carry blockOwnerDeletion owner references to their FineTuneJob; clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) require this for that.
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 # The training run itself.
 - apiGroups: ["batch"]
   resources: ["jobs"]
