@@ -33,11 +33,27 @@ def say(message: str) -> None:
     print(f"\n==> {message}", flush=True)
 
 
+PROGRESS_COLUMNS = ",".join(
+    [
+        "PHASE:.status.phase",
+        "REASON:.status.reason",
+        "STEP:.status.progressSummary",
+        "LOSS:.status.progress.loss",
+        "EVAL-LOSS:.status.progress.evalLoss",
+        "TOKENS/S:.status.progress.tokensPerSecond",
+        "ETA-S:.status.progress.etaSeconds",
+        "CHECKPOINT:.status.progress.lastCheckpoint",
+    ]
+)
+
+
 def show_progress(env: LocalEnv, last: list[str]) -> None:
-    row = env.kubectl("get", "ftj", JOB_NAME, "-n", NAMESPACE, "-o", "wide", "--no-headers").strip()
+    """Print the job's status row whenever it changes (the same fields `kubectl get ftj` reads)."""
+    out = env.kubectl("get", "ftj", JOB_NAME, "-n", NAMESPACE, "-o", f"custom-columns={PROGRESS_COLUMNS}")
+    header, _, row = out.strip().partition("\n")
     if row and (not last or row != last[-1]):
         if not last:
-            print(env.kubectl("get", "ftj", JOB_NAME, "-n", NAMESPACE, "-o", "wide").splitlines()[0])
+            print(header)
         print(row, flush=True)
         last.append(row)
 
@@ -60,9 +76,15 @@ def sample_generation(env: LocalEnv, work: Path) -> tuple[str, str]:
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(BUCKET, obj["Key"], str(target))
     model_dir = work / "tiny-llama"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The adapter folder carries the tokenizer and the chat template the trainer used.
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    inputs = tokenizer(PROMPT, return_tensors="pt")
+    inputs: Any = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
 
     def generate(model: Any) -> str:
         with torch.no_grad():
@@ -97,13 +119,15 @@ def run(state: Path, keep: bool) -> int:
         stack.upload_tiny_inputs(env, BUCKET, work)
         stack.ensure_namespace(env, NAMESPACE)
         stack.create_credentials_secret(env, NAMESPACE)
-        job = stack.render_tiny_job(env, name=JOB_NAME, namespace=NAMESPACE, bucket=BUCKET)
+        job = stack.render_tiny_job(
+            env, name=JOB_NAME, namespace=NAMESPACE, bucket=BUCKET, max_steps=80, save_steps=20
+        )
         manifest = work / "finetunejob.yaml"
         manifest.write_text(job.manifest)
         say(f"kubectl apply -f {manifest}   (from examples/local/finetunejob-tiny.yaml)")
         print(env.kubectl("apply", "-f", str(manifest)).strip())
 
-        say("training (kubectl get ftj -o wide, printed as it changes)")
+        say("training (the FineTuneJob's status, printed as it changes)")
         rows: list[str] = []
 
         def finished() -> dict[str, Any] | None:
@@ -115,6 +139,8 @@ def run(state: Path, keep: bool) -> int:
             "the FineTuneJob to finish", finished, 1800, on_tick=lambda: show_progress(env, rows)
         )
         show_progress(env, rows)
+        say(f"kubectl get ftj -n {NAMESPACE} -o wide")
+        print(env.kubectl("get", "ftj", "-n", NAMESPACE, "-o", "wide").rstrip())
         status = done["status"]
         say("final status")
         print(json.dumps(status, indent=2))

@@ -221,6 +221,16 @@ def verdict(ftj: Body, job: Body | None, pods: Sequence[Body], blocked: Sequence
         if failed is not None:
             message += f"; the previous attempt failed: {pod_failure(failed)[0]}"
         return Verdict(RUNNING, "Training", message)
+    finished = [
+        pod
+        for pod in pods
+        if pod.get("status", {}).get("phase") == "Succeeded"
+        and not pod.get("metadata", {}).get("deletionTimestamp")
+    ]
+    if finished:
+        # The trainer exited 0 but the Job controller has not marked the Job complete yet:
+        # still Running, so the phase never steps back to Pending on the way to Succeeded.
+        return Verdict(RUNNING, "Completing", "the trainer finished; waiting for the Job to complete")
     pending = _pending_verdict(pods)
     failed = _latest_failed(pods)
     if pending.reason == "WaitingForPod" and failed is not None:

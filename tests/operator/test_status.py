@@ -122,6 +122,13 @@ def test_running_pod(make_ftj: Any) -> None:
     assert (running["status"], running["lastTransitionTime"]) == ("True", "2025-06-01T12:00:00Z")
 
 
+def test_finished_pod_before_the_job_completes_stays_running(make_ftj: Any) -> None:
+    ftj = make_ftj()
+    pod = _pod("Succeeded", terminated=_terminated(0, "Completed", '{"phase": "Succeeded"}'))
+    result = status.compute(ftj, _job(ftj, succeeded=1), [pod], NOW)
+    assert (result["phase"], result["reason"]) == ("Running", "Completing")
+
+
 def test_retry_after_oom_mentions_the_previous_failure(make_ftj: Any) -> None:
     ftj = make_ftj()
     first = _pod("Failed", "2025-06-01T11:00:00Z", terminated=_terminated(137, "OOMKilled"))
