@@ -145,9 +145,10 @@ def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable
                     "step": state.global_step,
                     "totalSteps": state.max_steps,
                     "epoch": round(float(state.epoch or 0.0), 4),
-                    "loss": logs.get("loss"),
-                    "evalLoss": logs.get("eval_loss"),
-                    "learningRate": logs.get("learning_rate"),
+                    # Rounded: status is read by people (the Loss printer column), not to resume.
+                    "loss": _rounded(logs.get("loss"), 4),
+                    "evalLoss": _rounded(logs.get("eval_loss"), 4),
+                    "learningRate": _significant(logs.get("learning_rate"), 4),
                     "lastCheckpoint": last_checkpoint(),
                     **self._rates(state),
                 }
@@ -165,6 +166,14 @@ def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable
             return control
 
     return ProgressCallback()
+
+
+def _rounded(value: Any, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _significant(value: Any, digits: int) -> float | None:
+    return None if value is None else float(f"{float(value):.{digits}g}")
 
 
 def write_termination_message(path: str, summary: dict[str, Any]) -> None:
