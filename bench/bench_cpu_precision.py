@@ -26,23 +26,11 @@ COMMAND = "python bench/bench_cpu_precision.py"
 
 def _model(tokenizer: Any) -> Any:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     # Larger than the test model so that compute, not Python overhead, dominates a step.
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tinymodel.llama_config(tokenizer, hidden=256, layers=4, heads=8))
 
 
 def train_once(steps: int, *, bf16: bool, checkpointing: bool, work: Path) -> float:

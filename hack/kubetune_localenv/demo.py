@@ -136,7 +136,11 @@ def run(state: Path, keep: bool) -> int:
             return stack.phase_in(env, NAMESPACE, JOB_NAME, {"Succeeded", "Failed"})
 
         done = stack.wait_for(
-            "the FineTuneJob to finish", finished, 1800, on_tick=lambda: show_progress(env, rows)
+            "the FineTuneJob to finish",
+            finished,
+            1800,
+            on_tick=lambda: show_progress(env, rows),
+            interval=1.0,
         )
         show_progress(env, rows)
         say(f"kubectl get ftj -n {NAMESPACE} -o wide")

@@ -150,20 +150,21 @@ def get_ftj(env: LocalEnv, namespace: str, name: str) -> dict[str, Any]:
 def wait_for(
     what: str,
     check: Callable[[], Any],
-    timeout: float,
+    timeout: float = 60.0,
     on_tick: Callable[[], None] | None = None,
-    interval: float = 1.0,
+    interval: float = 0.25,
 ) -> Any:
     """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
+    last: Any = None
     while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
+        last = check()
+        if last:
+            return last
         if on_tick:
             on_tick()
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def phase_in(env: LocalEnv, namespace: str, name: str, phases: set[str]) -> dict[str, Any] | None:

@@ -92,28 +92,34 @@ def build_tokenizer() -> Any:
     )
 
 
-def build_model(folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer in ``folder``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(tokenizer: Any, *, hidden: int = 64, layers: int = 2, heads: int = 4) -> Any:
+    """A random-init Llama config sized by ``hidden``/``layers``/``heads`` over ``tokenizer``."""
+    from transformers import LlamaConfig
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def build_model(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer in ``folder``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(llama_config(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

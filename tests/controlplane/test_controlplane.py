@@ -14,18 +14,9 @@ from typing import Any
 import pytest
 
 from kubetune_localenv.cluster import LocalEnv
+from kubetune_localenv.stack import wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-def _wait_for(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kubectl_version_reports_v1_36(local_env: LocalEnv) -> None:
@@ -116,14 +107,14 @@ def test_job_creates_pod_and_deleting_it_collects_the_pod(kube_api: Any, namespa
         ),
     )
     batch.create_namespaced_job(namespace, job)
-    pods = _wait_for(
+    pods = wait_for(
         "kube-controller-manager to create the Job's pod",
         lambda: core.list_namespaced_pod(namespace, label_selector="job-name=hello").items,
     )
     assert pods[0].metadata.owner_references[0].kind == "Job"
 
     batch.delete_namespaced_job("hello", namespace, propagation_policy="Background")
-    _wait_for(
+    wait_for(
         "the garbage collector to delete the pod",
         lambda: not core.list_namespaced_pod(namespace, label_selector="job-name=hello").items,
     )

@@ -22,6 +22,7 @@ from kubetune_localenv.cluster import LocalEnv, ManagedProcess
 from kubetune_localenv.nodeagent import pod_log_path, start_agent
 from kubetune_localenv.nodeagent_cgroup import MemoryCgroups
 from kubetune_localenv.nodeagent_kube import ApiError, Kube
+from kubetune_localenv.stack import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -51,17 +52,6 @@ class Node:
 
     def log(self, namespace: str, pod: str, container: str) -> str:
         return pod_log_path(self.env, namespace, pod, container, node_name=self.name).read_text()
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def delete_node(kube: Kube, name: str) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import secrets
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from kubetune_localenv.stack import wait_for as _wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
@@ -137,17 +138,6 @@ def operator(run_operator: Callable[[], Any]) -> Iterator[Any]:
     """The operator, running for the whole test."""
     with run_operator() as runner:
         yield runner
-
-
-def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
 @pytest.fixture
