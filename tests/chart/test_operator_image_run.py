@@ -31,24 +31,12 @@ import yaml
 
 from kubetune_localenv.cluster import pick_port
 
-from .conftest import CHART_DIR, REPO_ROOT, Helm, Kubectl
+from .conftest import CHART_DIR, REPO_ROOT, Helm, Kubectl, dockerfile_instructions
 
 pytestmark = pytest.mark.cluster
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 EXAMPLE_FTJ = REPO_ROOT / "examples" / "argocd" / "finetunejobs" / "alpaca-qlora.yaml"
-
-
-def runtime_stage(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile's build and last stages, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    steps = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            steps.append((word.upper(), " ".join(rest.split())))
-    return steps
 
 
 def env_pairs(arguments: str) -> dict[str, str]:
@@ -62,7 +50,7 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     uv = shutil.which("uv")
     assert uv, "uv not found on PATH: `make setup` installs it"
     root = tmp_path_factory.mktemp("operator-image")
-    steps = runtime_stage(DOCKERFILE)
+    steps = dockerfile_instructions(DOCKERFILE)
     sync = next(args for word, args in steps if word == "RUN" and args.startswith("uv sync"))
     build_env = {}
     for word, args in steps:
