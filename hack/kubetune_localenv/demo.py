@@ -1,7 +1,7 @@
 """``make demo``: the main job, end to end, on the embedded default.
 
-Starts the local control plane, S3 server and node agent, installs the CRD,
-runs the operator, builds a tiny Llama and a small chat dataset, uploads them
+Starts the local control plane, S3 server and node agent, ``helm install``s the
+chart (the node agent runs the operator's pod), builds a tiny Llama and a small chat dataset, uploads them
 to S3, ``kubectl apply``-s ``examples/local/finetunejob-tiny.yaml``, shows
 progress live, and ends with the final status, the adapter's location and a
 sample generation with the adapter. Ctrl-C stops everything it started.
@@ -24,6 +24,7 @@ from .nodeagent import pod_log_path, start_agent
 from .tools import ToolBuildError
 
 NAMESPACE = "kubetune-demo"
+OPERATOR_NAMESPACE = "kubetune-system"
 JOB_NAME = "tiny-chat"
 BUCKET = "kubetune-demo"
 PROMPT = "what follows red"
@@ -112,9 +113,9 @@ def run(state: Path, keep: bool) -> int:
     try:
         print(f"kube-apiserver {env.apiserver_url}   S3 {env.s3.endpoint if env.s3 else '-'}")
         print(f"export KUBECONFIG={env.kubeconfig}   # to look around with kubectl while it runs")
-        say("installing the FineTuneJob CRD and starting the operator")
-        stack.install_crd(env)
-        operator = stack.start_operator(env)
+        say("helm install kubetune charts/kubetune (CRDs, RBAC, the operator Deployment)")
+        stack.install_with_helm(env, OPERATOR_NAMESPACE)
+        print(env.kubectl("get", "deploy,pods", "-n", OPERATOR_NAMESPACE).rstrip())
         say("building a tiny Llama and a chat dataset; uploading them to S3")
         stack.upload_tiny_inputs(env, BUCKET, work)
         stack.ensure_namespace(env, NAMESPACE)
@@ -130,14 +131,9 @@ def run(state: Path, keep: bool) -> int:
         say("training (the FineTuneJob's status, printed as it changes)")
         rows: list[str] = []
 
-        def finished() -> dict[str, Any] | None:
-            if not operator.alive():
-                raise RuntimeError(f"the operator exited; log {operator.log_path}:\n{operator.log_tail()}")
-            return stack.phase_in(env, NAMESPACE, JOB_NAME, {"Succeeded", "Failed"})
-
         done = stack.wait_for(
             "the FineTuneJob to finish",
-            finished,
+            lambda: stack.phase_in(env, NAMESPACE, JOB_NAME, {"Succeeded", "Failed"}),
             1800,
             on_tick=lambda: show_progress(env, rows),
             interval=1.0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import string
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import tinymodel
+from . import tinymodel, tools
 from .cluster import LocalEnv, ManagedProcess, pick_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
+CHART_DIR = REPO_ROOT / "charts" / "kubetune"
 TINY_JOB_TEMPLATE = REPO_ROOT / "examples" / "local" / "finetunejob-tiny.yaml"
 CREDENTIALS_SECRET = "s3-credentials"
 FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
@@ -47,6 +49,55 @@ def start_operator(env: LocalEnv, namespaces: list[str] | None = None) -> Manage
     proc.start()
     env.processes.append(proc)  # stopped with the rest of the environment
     return proc
+
+
+def helm(env: LocalEnv, *args: str) -> str:
+    """Run the pinned, Go-built helm against ``env`` with its state under the env's folder."""
+    home = env.state_dir / "helm"
+    helm_env = dict(
+        os.environ,
+        KUBECONFIG=str(env.kubeconfig),
+        HELM_CACHE_HOME=str(home / "cache"),
+        HELM_CONFIG_HOME=str(home / "config"),
+        HELM_DATA_HOME=str(home / "data"),
+    )
+    argv = [str(tools.build("helm", quiet=True)), *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=helm_env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc.stdout
+
+
+def install_with_helm(env: LocalEnv, namespace: str = "kubetune-system") -> str:
+    """``helm install`` the chart: CRDs, RBAC and the operator Deployment, whose pod the node
+    agent runs (image ghcr.io/kubetune/operator maps to this repo's environment).
+
+    One replica, and its metrics/health endpoints on free loopback ports: on this machine pods
+    share the host's network.
+    """
+    values = {
+        "replicaCount": 1,
+        "metrics": {"port": pick_port(), "service": {"enabled": False}},
+        "health": {"port": pick_port()},
+        "extraEnv": [{"name": "KUBETUNE_BIND_ADDRESS", "value": "127.0.0.1"}],
+    }
+    values_file = env.state_dir / "demo-values.json"
+    values_file.write_text(json.dumps(values))
+    out = helm(
+        env,
+        "install",
+        "kubetune",
+        str(CHART_DIR),
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        "--values",
+        str(values_file),
+        "--wait",
+        "--timeout",
+        "5m",
+    )
+    return out
 
 
 def install_crd(env: LocalEnv) -> None:
