@@ -17,7 +17,7 @@ UV_DIR = $$($(PYTHON) -c 'import os, uv; print(os.path.dirname(uv.find_uv_bin())
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test lint cluster-up cluster-down cluster-status demo clean
+.PHONY: help setup tools test lint bench cluster-up cluster-down cluster-status demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -28,7 +28,10 @@ setup: ## install Python deps from uv.lock into .venv (and uv itself if missing)
 	  { echo "kubetune: error: could not install uv $(UV_VERSION) with '$(PYTHON) -m pip': install Python 3.11 with pip"; exit 1; }
 	$(UV) sync --frozen --all-extras
 
-tools: setup ## build the pinned Go binaries (etcd, kube-apiserver, kcm, kubectl, helm, versitygw, kwok) into ~/.cache/kubetune
+# What `make test` needs built before pytest starts (kwok and kube-scheduler serve only bench/).
+TEST_TOOLS := etcd kube-apiserver kube-controller-manager kubectl helm versitygw kube-score
+
+tools: setup ## build the pinned Go binaries (etcd, kube-apiserver, kcm, kube-scheduler, kubectl, helm, versitygw, kwok, kube-score) into ~/.cache/kubetune
 	$(VENV_PY) -m kubetune_localenv build
 
 lint: setup ## ruff + mypy --strict
@@ -36,14 +39,19 @@ lint: setup ## ruff + mypy --strict
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-test: setup tools ## the test suite: lint, type check, then unit, API-server and end-to-end tests
+test: setup ## the test suite: lint, type check, then unit, API-server and end-to-end tests
+	$(VENV_PY) -m kubetune_localenv build $(TEST_TOOLS)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	PATH="$(UV_DIR):$$PATH" $(VENV_PY) -m pytest $(PYTEST_ARGS)
 
-demo: setup tools ## the main job end to end: control plane, S3, node agent, operator, a tiny QLoRA fine-tune on CPU
+demo: setup ## the main job end to end: control plane, S3, node agent, operator, a tiny QLoRA fine-tune on CPU
 	$(VENV_PY) -m kubetune_localenv.demo $(DEMO_ARGS)
+
+bench: setup tools ## the benchmarks (figures and how they were taken: docs/benchmarks.md)
+	$(VENV_PY) bench/bench_operator_scale.py --jobs 50 --nodes 4
+	$(VENV_PY) bench/bench_cpu_precision.py --steps 30
 
 cluster-up: setup ## start etcd, kube-apiserver, kcm, S3 and the node agent on 127.0.0.1; writes $(STATE)/kubeconfig and $(STATE)/s3.env
 	$(VENV_PY) -m kubetune_localenv up --state $(STATE)

@@ -160,7 +160,8 @@ def cmd_status(state: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune_localenv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build every pinned Go tool into the cache")
+    build = sub.add_parser("build", help="build pinned Go tools into the cache (default: all)")
+    build.add_argument("names", nargs="*", metavar="TOOL", help=", ".join(tools.TOOLS))
     for name in ("up", "serve"):
         p = sub.add_parser(name)
         p.add_argument("--state", type=Path, default=DEFAULT_STATE)
@@ -173,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        return tools.main([])
+        unknown = sorted(set(args.names) - set(tools.TOOLS))
+        if unknown:
+            parser.error(f"unknown tool {', '.join(unknown)} (known: {', '.join(tools.TOOLS)})")
+        return tools.main(args.names)
     if args.command == "up":
         return cmd_up(args.state, not args.no_agent, args.timeout)
     if args.command == "serve":
