@@ -8,6 +8,7 @@ never on which events arrived. ``status.progress`` belongs to the trainer and is
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -257,6 +258,21 @@ def progress_summary(progress: Mapping[str, Any] | None) -> str | None:
     return f"{progress['step']}/{total}" if total else str(progress["step"])
 
 
+_CONDITION_REASON_CHARS = re.compile(r"[^A-Za-z0-9_,:]")
+
+
+def condition_reason(reason: str, fallback: str) -> str:
+    """A reason the API server accepts (metav1.Condition: ``^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$``).
+
+    Pod reasons are copied from the kubelet and may not fit (``OutOfnvidia.com/gpu``); one
+    rejected character would make every status patch fail with 422.
+    """
+    cleaned = _CONDITION_REASON_CHARS.sub("_", reason).strip("_,:")
+    if not cleaned or not cleaned[0].isalpha():
+        return fallback
+    return cleaned[:1024]
+
+
 def conditions(
     previous: Sequence[Mapping[str, Any]],
     verdict_: Verdict,
@@ -291,7 +307,7 @@ def conditions(
             {
                 "type": kind,
                 "status": status,
-                "reason": reason or kind,
+                "reason": condition_reason(reason, kind),
                 "message": _truncate(message),
                 "observedGeneration": generation,
                 "lastTransitionTime": timestamp(now) if changed else (before or {}).get("lastTransitionTime"),

@@ -129,6 +129,20 @@ def test_finished_pod_before_the_job_completes_stays_running(make_ftj: Any) -> N
     assert (result["phase"], result["reason"]) == ("Running", "Completing")
 
 
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        ("OOMKilled", "OOMKilled"),
+        ("OutOfnvidia.com/gpu", "OutOfnvidia_com_gpu"),
+        ("Node-Affinity", "Node_Affinity"),
+        ("", "Failed"),
+        ("42", "Failed"),
+    ],
+)
+def test_condition_reasons_fit_the_api_pattern(reason: str, expected: str) -> None:
+    assert status.condition_reason(reason, "Failed") == expected
+
+
 def test_retry_after_oom_mentions_the_previous_failure(make_ftj: Any) -> None:
     ftj = make_ftj()
     first = _pod("Failed", "2025-06-01T11:00:00Z", terminated=_terminated(137, "OOMKilled"))
