@@ -82,9 +82,8 @@ def assert_operator_rights(kubectl: Kubectl, sa: str, ns: str) -> None:
         ("watch", FTJ),
         ("patch", FTJ),
         ("patch", FTJ, "--subresource=status"),
-        ("update", FTJ, "--subresource=status"),
         ("create", "jobs.batch"),
-        ("delete", "jobs.batch"),
+        ("patch", "jobs.batch"),
         ("watch", "pods"),
         ("create", "configmaps"),
         ("create", "serviceaccounts"),
@@ -110,6 +109,12 @@ def assert_operator_rights(kubectl: Kubectl, sa: str, ns: str) -> None:
         ("escalate", "roles.rbac.authorization.k8s.io"),
         ("bind", "roles.rbac.authorization.k8s.io"),
         ("impersonate", "serviceaccounts"),
+        ("delete", "jobs.batch"),
+        ("delete", "configmaps"),
+        ("patch", "configmaps"),
+        ("list", "configmaps"),
+        ("delete", "rolebindings.rbac.authorization.k8s.io"),
+        ("patch", "roles.rbac.authorization.k8s.io"),
         ("create", "serviceaccounts", "--subresource=token"),
     ]
     for verb, resource, *extra in denied:

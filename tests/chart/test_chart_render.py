@@ -15,14 +15,14 @@ from .conftest import CHART_DIR, KUBE_VERSION, REPO_ROOT, Helm, container_env, f
 
 NAMESPACED_VERBS = {
     ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
-    ("kubetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
+    ("kubetune.dev", "finetunejobs/status"): {"get", "patch"},
     ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"get", "list", "watch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "serviceaccounts"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "delete", "patch"},
+    ("", "configmaps"): {"get", "create"},
+    ("", "serviceaccounts"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
     ("", "events"): {"create", "patch"},
 }
 

@@ -95,30 +95,33 @@ the ClusterRole; in namespace-scoped mode into a Role in each watched namespace.
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 # Children carry blockOwnerDeletion owner references to their FineTuneJob; clusters with the
 # OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) require this for that.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# The training run itself.
+# The training run itself: watched for status, patched for suspend/resume and lifecycle limits.
+# Never deleted by the operator: owner references let the garbage collector do that.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Read-only pod state: phases, exit codes, termination messages, OOMKilled.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# Per-job trainer config (ConfigMap) and per-job identity (ServiceAccount).
+# Per-job trainer config (ConfigMap) and per-job identity (ServiceAccount): created once
+# (get + create), never changed or deleted (the training definition is immutable; the GC
+# deletes them with their FineTuneJob).
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "create"]
 # Per-job Role/RoleBinding that lets the trainer patch only its own FineTuneJob's status.
 # No escalate/bind: the API server allows creating them because the operator itself holds
 # every permission they grant (get finetunejobs, get/patch finetunejobs/status).
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "create"]
 # Kubernetes Events on phase transitions.
 - apiGroups: [""]
   resources: ["events"]
