@@ -5,6 +5,8 @@ The table is a YAML (or JSON) file, by default ``hack/images.yaml``::
     images:
       - match: ghcr.io/kubetune/trainer   # repository; fnmatch patterns allowed ("ghcr.io/kubetune/*", "*")
         path: [../.venv/bin]              # prepended to PATH; relative paths are relative to the table file
+        keep: [..]                        # the "image's files": host folders that stay visible (read-only)
+                                          # even under a volume mounted over a parent (an emptyDir at /tmp)
         env: {PYTHONUNBUFFERED: "1"}      # the image's ENV (the pod's env overrides it)
         entrypoint: [python, -m, kubetune_trainer]   # the image's ENTRYPOINT (optional)
         cmd: []                                      # the image's CMD (optional)
@@ -53,6 +55,7 @@ class ImageRule:
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
     working_dir: str | None = None
+    keep: tuple[str, ...] = ()
 
     def matches(self, image: str) -> bool:
         pattern = self.match if any(c in self.match for c in "*?[") else normalize(self.match)
@@ -78,6 +81,7 @@ def load_table(path: Path) -> list[ImageRule]:
         if not isinstance(entry, dict) or not entry.get("match"):
             raise ValueError(f"{where}: each rule needs a 'match'")
         dirs = tuple(str((path.parent / p).resolve()) for p in _strings(entry.get("path"), f"{where}.path"))
+        keep = tuple(str((path.parent / p).resolve()) for p in _strings(entry.get("keep"), f"{where}.keep"))
         rules.append(
             ImageRule(
                 match=str(entry["match"]),
@@ -86,6 +90,7 @@ def load_table(path: Path) -> list[ImageRule]:
                 entrypoint=_strings(entry.get("entrypoint"), f"{where}.entrypoint"),
                 cmd=_strings(entry.get("cmd"), f"{where}.cmd"),
                 working_dir=str(entry["workingDir"]) if entry.get("workingDir") else None,
+                keep=keep,
             )
         )
     return rules

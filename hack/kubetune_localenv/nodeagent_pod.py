@@ -295,7 +295,7 @@ class PodWorker(threading.Thread):
         base = {"PATH": rule.path_env(), "HOME": str(home), "HOSTNAME": self._hostname(), **rule.env}
         try:
             env = self.resolver.container_env(run.spec, base)
-            mounts = self._mounts(run)
+            mounts = self._mounts(run, rule)
         except NotReadyError as exc:
             self._waiting(run, "CreateContainerConfigError", exc.message, RETRY_SECONDS)
             return
@@ -323,7 +323,7 @@ class PodWorker(threading.Thread):
             argv = [*rule.entrypoint, *(args if args is not None else rule.cmd)]
         return [expand(str(a), env) for a in argv]
 
-    def _mounts(self, run: ContainerRun) -> list[JSON]:
+    def _mounts(self, run: ContainerRun, rule: images.ImageRule) -> list[JSON]:
         mounts: list[JSON] = []
         for mount in run.spec.get("volumeMounts") or []:
             name = str(mount["name"])
@@ -341,6 +341,9 @@ class PodWorker(threading.Thread):
                     "readOnly": read_only or bool(mount.get("readOnly")),
                 }
             )
+        # The image's own files (a repo checked out under /tmp, say) stay visible even
+        # when a volume covers a parent of them, as in a container with its own rootfs.
+        mounts.extend({"source": keep, "target": keep, "readOnly": True} for keep in rule.keep)
         # HOME (and the default working directory) stay reachable even when a volume
         # covers a parent of the agent's state directory (an emptyDir at /tmp).
         home = str(self.dir / "home")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubetune_localenv.cluster import LocalEnv, ManagedProcess
 from kubetune_localenv.nodeagent import pod_log_path, start_agent
@@ -574,3 +577,47 @@ def test_agent_stop_and_kill_leave_no_processes(local_env: LocalEnv, kube: Kube,
         cgroups = MemoryCgroups.detect(f"kubetune-nodeagent-{name}")
         if cgroups is not None:
             cgroups.close()  # the SIGKILLed agent could not remove its (empty) cgroup folder
+
+
+def test_image_files_stay_visible_under_a_volume_over_their_parent(
+    local_env: LocalEnv, kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    """A checkout under /tmp (as CI may have) stays visible to a pod with an emptyDir at /tmp."""
+    image_dir = Path(tempfile.mkdtemp(prefix="kubetune-image-", dir="/tmp"))
+    tool = image_dir / "bin" / "image-tool"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\necho from-the-image\n")
+    tool.chmod(0o755)
+    table = tmp_path / "images.yaml"
+    rule = {"match": "example.com/kept", "path": [str(tool.parent)], "keep": [str(image_dir)]}
+    table.write_text(yaml.safe_dump({"images": [rule]}))
+    name = "nodeagent-keep-" + secrets.token_hex(3)
+    proc = start_agent(local_env, node_name=name, gpus=0, image_map=table, extra_args=[TAINT_ARG])
+    node = Node(name, proc, local_env)
+    try:
+        probe_write = f"if touch {image_dir}/written 2>/dev/null; then echo writable; else echo read-only; fi"
+        script = f"image-tool && {probe_write}"
+        spec = node.pin(
+            {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "c",
+                        "image": "example.com/kept:1",
+                        "command": ["sh", "-c", script],
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    }
+                ],
+                "volumes": [{"name": "tmp", "emptyDir": {}}],
+            }
+        )
+        create_pod(kube, namespace, "kept", spec)
+        pod = wait_phase(kube, namespace, "kept", "Succeeded", "Failed")
+        log = node.log(namespace, "kept", "c")
+        assert pod["status"]["phase"] == "Succeeded", log
+        assert log.split() == ["from-the-image", "read-only"]
+        assert not (image_dir / "written").exists()
+    finally:
+        proc.stop()
+        delete_node(kube, name)
+        shutil.rmtree(image_dir)
