@@ -41,10 +41,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_pid(state: Path) -> int | None:
+    """The supervisor's PID, if that process is still our supervisor (a PID file can outlive
+    its process, and after a reboot the number may belong to something else)."""
     try:
-        return int((state / SUPERVISOR_PID).read_text().strip())
+        pid = int((state / SUPERVISOR_PID).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (FileNotFoundError, ValueError):
         return None
+    ours = b"kubetune_localenv" in cmdline and str(state.resolve()).encode() in cmdline
+    return pid if ours else None
 
 
 def cmd_serve(state: Path, with_agent: bool) -> int:
@@ -141,11 +146,20 @@ def cmd_down(state: Path, timeout: float = 30.0) -> int:
 
 
 def _component_pids(state: Path) -> list[int]:
+    """PIDs from state.json that are still the components started for ``state``."""
     try:
         data = json.loads((state / "state.json").read_text())
     except (FileNotFoundError, ValueError):
         return []
-    return [int(p) for p in data.get("pids", {}).values() if p and _pid_alive(int(p))]
+    found = []
+    for pid in (int(p) for p in data.get("pids", {}).values() if p):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if str(state.resolve()).encode() in cmdline and _pid_alive(pid):
+            found.append(pid)
+    return found
 
 
 def cmd_status(state: Path) -> int:

@@ -434,10 +434,6 @@ class LocalEnv:
             return (
                 [
                     str(binary),
-                    "--access",
-                    access,
-                    "--secret",
-                    secret,
                     "--port",
                     f"{LOCALHOST}:{port}",
                     "posix",
@@ -452,7 +448,9 @@ class LocalEnv:
             with socket.create_connection((LOCALHOST, ports[0]), timeout=1):
                 return True
 
-        port = self._launch("versitygw", argv, ready, timeout)[0]
+        # The keys go through the environment, not argv: argv is world-readable in /proc.
+        keys = dict(os.environ, ROOT_ACCESS_KEY_ID=access, ROOT_SECRET_ACCESS_KEY=secret)
+        port = self._launch("versitygw", argv, ready, timeout, env=keys)[0]
         self.s3 = S3Settings(f"http://{LOCALHOST}:{port}", access, secret)
         lines = [f"{k}={v}" for k, v in self.s3.env().items()]
         self.s3_env_file.write_text("\n".join(lines) + "\n")
