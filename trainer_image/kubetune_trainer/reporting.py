@@ -21,6 +21,8 @@ from .config import ReportingSpec
 
 log = logging.getLogger(__name__)
 
+#: Connect/read timeout of one status patch, in seconds.
+PATCH_TIMEOUT_SECONDS = (3.0, 5.0)
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
 PLURAL = "finetunejobs"
@@ -73,8 +75,16 @@ def status_patcher(ref: JobRef) -> Callable[[dict[str, Any]], None]:
     api = client.CustomObjectsApi(api_client)
 
     def patch(progress: dict[str, Any]) -> None:
+        # Bounded: the patch runs inside the training loop, and a half-open connection to the
+        # API server must cost a few seconds, never stall training.
         api.patch_namespaced_custom_object_status(
-            GROUP, VERSION, ref.namespace, PLURAL, ref.name, {"status": {"progress": progress}}
+            GROUP,
+            VERSION,
+            ref.namespace,
+            PLURAL,
+            ref.name,
+            {"status": {"progress": progress}},
+            _request_timeout=PATCH_TIMEOUT_SECONDS,
         )
 
     return patch
