@@ -115,15 +115,17 @@ local function health(o)
     return hs
   end
 
-  if phase == "Suspended" or is_true(suspended) then
-    hs.status = "Suspended"
-    hs.message = detail(suspended) or "FineTuneJob is suspended (spec.suspend: true)"
-    return hs
-  end
-
+  -- The phase decides before the Suspended condition: a Kueue-queued job is suspended at the
+  -- Job level (Suspended=True) while waiting for admission, yet it is progressing.
   if phase == "Pending" or phase == "Queued" or phase == "Running" then
     hs.status = "Progressing"
     hs.message = phase .. progress(status)
+    return hs
+  end
+
+  if phase == "Suspended" or is_true(suspended) then
+    hs.status = "Suspended"
+    hs.message = detail(suspended) or "FineTuneJob is suspended (spec.suspend: true)"
     return hs
   end
 

@@ -201,6 +201,42 @@ def test_health_of_sample(sample: str, obj: dict[str, Any], want_status: str, wa
     assert want_message in message, f"{sample}: message {message!r} lacks {want_message!r}"
 
 
+@pytest.mark.parametrize(
+    ("job_suspended", "spec_extra", "want"),
+    [
+        (True, {"scheduling": {"queueName": "gpu-queue"}}, ("Progressing", "Queued")),
+        (True, {"suspend": True}, ("Suspended", "")),
+        (False, {}, ("Progressing", "Pending")),
+    ],
+)
+def test_health_of_status_the_operator_computes(
+    job_suspended: bool, spec_extra: dict[str, Any], want: tuple[str, str]
+) -> None:
+    """Samples made by the operator's own status computation, conditions included."""
+    import datetime
+
+    from kubetune_operator import builders, status
+
+    body: dict[str, Any] = {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "ft", "namespace": "ml", "uid": "u-1", "generation": 1},
+        "spec": {
+            "model": {"source": "s3://models/base"},
+            "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/ft"},
+            **spec_extra,
+        },
+    }
+    job = builders.job(body, "ghcr.io/kubetune/trainer:0.1.0")
+    job["spec"]["suspend"] = job_suspended
+    job["status"] = {}
+    computed = status.compute(body, job, [], datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
+    got_status, got_message = run_health({**body, "status": computed})
+    assert got_status == want[0], computed
+    assert got_message.startswith(want[1])
+
+
 def test_missing_object() -> None:
     assert run_health(None) == ("Missing", "FineTuneJob not found")
 
