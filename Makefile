@@ -17,7 +17,7 @@ UV_DIR = $$($(PYTHON) -c 'import os, uv; print(os.path.dirname(uv.find_uv_bin())
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test lint bench cluster-up cluster-down cluster-status demo clean
+.PHONY: help setup tools test lint bench logs cluster-up cluster-down cluster-status demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -58,6 +58,12 @@ cluster-up: setup ## start etcd, kube-apiserver, kcm, S3 and the node agent on 1
 
 cluster-down: ## stop everything cluster-up started
 	@if [ -x $(VENV_PY) ]; then $(VENV_PY) -m kubetune_localenv down --state $(STATE); fi
+
+LINES ?= 40
+logs: ## container logs kept by the node agent: make logs [POD=tiny-chat] [STATE=.kubetune/demo] [LINES=40]
+	@found=$$(find $(STATE) -path '*/nodes/*/pods/*' -name '*.log' 2>/dev/null | grep -F -- '$(POD)' | sort); \
+	if [ -z "$$found" ]; then echo "kubetune: no container logs under $(STATE) matching '$(POD)'"; exit 1; fi; \
+	for f in $$found; do echo "==> $$f <=="; tail -n $(LINES) "$$f"; echo; done
 
 cluster-status: ## show what cluster-up runs
 	$(VENV_PY) -m kubetune_localenv status --state $(STATE)

@@ -10,6 +10,7 @@ sample generation with the adapter. Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
 import sys
@@ -160,6 +161,7 @@ def run(state: Path, keep: bool) -> int:
         print(f"  base model:          {before!r}")
         print(f"  base model + adapter: {after!r}")
         say(f"done in {time.monotonic() - started:.0f}s")
+        print(f"trainer log: make logs STATE={state} POD={JOB_NAME}")
         if keep:
             say("everything keeps running; press Ctrl-C to stop it")
             while True:
@@ -178,9 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, default=Path(".kubetune/demo"))
     parser.add_argument("--keep", action="store_true", help="keep the cluster running until Ctrl-C")
     args = parser.parse_args(argv)
-    if args.state.exists():
-        shutil.rmtree(args.state)  # each demo starts from a clean cluster
-    return run(args.state.resolve(), args.keep)
+    # One demo per state folder: the lock is held for the demo's lifetime, so a second
+    # `make demo` cannot wipe the folder a running (--keep) demo is using.
+    lock_path = args.state.parent / f".{args.state.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kubetune: error: a demo is already running in {args.state}", file=sys.stderr)
+            return 1
+        if args.state.exists():
+            shutil.rmtree(args.state)  # each demo starts from a clean cluster
+        return run(args.state.resolve(), args.keep)
 
 
 if __name__ == "__main__":
