@@ -113,7 +113,9 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATIONS_PREFIX, key="last-handled-configuration"
     )
-    settings.posting.level = logging.WARNING  # kopf's own log lines do not become Events
+    # Only kopf's warnings and errors (e.g. a failing handler) become Events; its INFO chatter
+    # ("Handler ... succeeded") stays in the log. Phase transitions are posted by the handlers.
+    settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"
     settings.execution.max_workers = 8
     settings.queueing.error_delays = (1, 2, 5, 10, 20, 30, 60)
