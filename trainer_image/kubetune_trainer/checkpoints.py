@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from . import errors
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,16 @@ def list_checkpoints(
     return sorted(complete, key=lambda c: c.step), sorted(incomplete, key=lambda c: c.step)
 
 
-def upload_checkpoint(store: ObjectStore, local_dir: Path, output_uri: str, step: int) -> RemoteCheckpoint:
-    """Upload a Trainer checkpoint folder, then its completion marker."""
+def upload_checkpoint(
+    store: ObjectStore, local_dir: Path, output_uri: str, step: int, fingerprint: str | None = None
+) -> RemoteCheckpoint:
+    """Upload a Trainer checkpoint folder, then its completion marker (naming the run)."""
     uri = join_uri(checkpoints_uri(output_uri), f"step-{step}")
     started = time.monotonic()
     names = store.upload_folder(local_dir, uri)
-    marker = {"step": step, "files": len(names), "time": time.time()}
+    marker: dict[str, Any] = {"step": step, "files": len(names), "time": time.time()}
+    if fingerprint:
+        marker["fingerprint"] = fingerprint
     store.put_bytes(join_uri(uri, MARKER), json.dumps(marker).encode(), "application/json")
     log.info(
         "checkpoint: step %d synced to %s (%d files, %.1fs)",
@@ -89,9 +94,29 @@ def prune(store: ObjectStore, output_uri: str, keep: int | None) -> list[int]:
     return [c.step for c in doomed]
 
 
-def restore_latest(store: ObjectStore, output_uri: str, local_root: Path) -> Path | None:
-    """Download the newest complete checkpoint to ``local_root/checkpoint-N``; clean up broken ones."""
+def _check_owner(store: ObjectStore, ckpt: RemoteCheckpoint, fingerprint: str) -> None:
+    marker = json.loads(store.get_bytes(join_uri(ckpt.uri, MARKER)))
+    errors.check_same_run(ckpt.uri, marker, fingerprint)
+
+
+def check_owner(store: ObjectStore, output_uri: str, fingerprint: str) -> None:
+    """Fail fast (before any model is loaded) if the newest checkpoint is another run's."""
+    complete, _ = list_checkpoints(store, output_uri)
+    if complete:
+        _check_owner(store, complete[-1], fingerprint)
+
+
+def restore_latest(
+    store: ObjectStore, output_uri: str, local_root: Path, fingerprint: str | None = None
+) -> Path | None:
+    """Download the newest complete checkpoint to ``local_root/checkpoint-N``; clean up broken ones.
+
+    With ``fingerprint``, a checkpoint another configuration wrote is refused (never resumed
+    from, never deleted): :class:`errors.ForeignOutputError`.
+    """
     complete, incomplete = list_checkpoints(store, output_uri)
+    if complete and fingerprint:
+        _check_owner(store, complete[-1], fingerprint)
     for ckpt in incomplete:
         log.warning("checkpoint: deleting incomplete %s (no %s marker)", ckpt.uri, MARKER)
         store.delete_folder(ckpt.uri)
@@ -142,7 +167,11 @@ class TerminationFlag:
 
 
 def make_checkpoint_callback(
-    store: ObjectStore, output_uri: str, keep: int | None, flag: TerminationFlag
+    store: ObjectStore,
+    output_uri: str,
+    keep: int | None,
+    flag: TerminationFlag,
+    fingerprint: str | None = None,
 ) -> Any:
     """A TrainerCallback that syncs every saved checkpoint and reacts to SIGTERM."""
     from transformers import TrainerCallback
@@ -160,7 +189,7 @@ def make_checkpoint_callback(
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             if state.is_world_process_zero:
                 local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                self.last = upload_checkpoint(store, local, output_uri, state.global_step)
+                self.last = upload_checkpoint(store, local, output_uri, state.global_step, fingerprint)
                 prune(store, output_uri, keep)
             return control
 

@@ -200,6 +200,20 @@ class TrainerConfig(_Model):
             raise ValueError("training.evalStrategy needs dataset.validation or dataset.validationSplit")
         return self
 
+    def fingerprint(self) -> str:
+        """sha256 of what determines the result (model, data, method, hyperparameters, output).
+
+        Recorded in every checkpoint marker and in ``manifest.json``: a run resumes or reuses
+        only what a run with the same fingerprint wrote (connection and reporting settings
+        are left out, so a restarted pod with new credentials still resumes).
+        """
+        import hashlib
+        import json
+
+        keys = {"model", "dataset", "method", "quantization", "lora", "training", "output", "gpus"}
+        identity = self.model_dump(mode="json", by_alias=True, include=keys)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)
 

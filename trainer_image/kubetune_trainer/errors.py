@@ -49,6 +49,27 @@ class InvalidConfigError(TrainerError):
     exit_code = EXIT_INVALID_CONFIG
 
 
+class ForeignOutputError(InvalidConfigError):
+    """``output.uri`` already holds checkpoints or a result of a differently configured run."""
+
+    def __init__(self, uri: str, recorded: str, fingerprint: str) -> None:
+        super().__init__(
+            f"{uri} was written by a run with a different configuration "
+            f"(fingerprint {recorded[:12]}, this run {fingerprint[:12]}): "
+            "set a new output.uri, or delete what is there to train again at this one"
+        )
+
+
+def check_same_run(uri: str, record: dict[str, object], fingerprint: str) -> None:
+    """Raise :class:`ForeignOutputError` if ``record`` (a marker or manifest) names another run.
+
+    Records without a fingerprint predate it and are accepted.
+    """
+    recorded = record.get("fingerprint")
+    if isinstance(recorded, str) and recorded != fingerprint:
+        raise ForeignOutputError(uri, recorded, fingerprint)
+
+
 class WorldSizeMismatchError(TrainerError):
     """The launcher started a different number of processes than GPUs were requested."""
 

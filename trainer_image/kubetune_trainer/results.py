@@ -115,9 +115,14 @@ def merge_adapter(base_source: str, folder: Path, cfg: TrainerConfig, precision:
     log.info("result: merged model saved (%s)", precision.torch_dtype_name)
 
 
-def publish(store: ObjectStore, folder: Path, output_uri: str) -> dict[str, Any]:
-    """Upload ``folder``, then its manifest last; returns the manifest."""
-    manifest = build_manifest(folder, {"outputUri": output_uri})
+def publish(
+    store: ObjectStore, folder: Path, output_uri: str, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """Upload ``folder``, then its manifest last (naming the run); returns the manifest."""
+    extra: dict[str, Any] = {"outputUri": output_uri}
+    if fingerprint:
+        extra["fingerprint"] = fingerprint
+    manifest = build_manifest(folder, extra)
     for entry in manifest["files"]:
         store.upload_file(folder / entry["path"], join_uri(output_uri, entry["path"]))
     body = json.dumps(manifest, indent=2).encode()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, dataset, hardware, modeling, reporting, results
+from . import checkpoints, dataset, errors, hardware, modeling, reporting, results
 from .config import TrainerConfig
 from .storage import ObjectStore, join_uri
 
@@ -48,10 +48,12 @@ def local_main_first() -> Iterator[None]:
 
 def already_published(ctx: RunContext) -> dict[str, Any] | None:
     """The metrics of a finished run when ``manifest.json`` exists (a restarted pod after success)."""
-    if not ctx.store.exists(join_uri(ctx.cfg.output.uri, results.MANIFEST)):
+    manifest_uri = join_uri(ctx.cfg.output.uri, results.MANIFEST)
+    if not ctx.store.exists(manifest_uri):
         return None
     import json
 
+    errors.check_same_run(manifest_uri, json.loads(ctx.store.get_bytes(manifest_uri)), ctx.cfg.fingerprint())
     metrics: dict[str, Any] = json.loads(ctx.store.get_bytes(join_uri(ctx.cfg.output.uri, "metrics.json")))
     return metrics
 
@@ -174,6 +176,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     if done is not None:
         log.info("result already published at %s; nothing to do", cfg.output.uri)
         return {"phase": "Succeeded", "outputUri": cfg.output.uri, "alreadyComplete": True, **_short(done)}
+    checkpoints.check_owner(ctx.store, cfg.output.uri, cfg.fingerprint())
 
     data = prepare_data(ctx)
 
@@ -206,14 +209,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     resume: Path | None = None
     with local_main_first():
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            resume = checkpoints.restore_latest(ctx.store, cfg.output.uri, ckpt_root)
+            resume = checkpoints.restore_latest(ctx.store, cfg.output.uri, ckpt_root, cfg.fingerprint())
     if resume is None:
         resume = _local_latest(ckpt_root)
 
     from trl.trainer.sft_trainer import SFTTrainer
 
     sync = checkpoints.make_checkpoint_callback(
-        ctx.store, cfg.output.uri, cfg.training.save_total_limit, flag
+        ctx.store, cfg.output.uri, cfg.training.save_total_limit, flag, cfg.fingerprint()
     )
     callbacks = [sync]
     ref = reporting.job_ref(cfg.reporting)
@@ -268,7 +271,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         results.write_local(out_dir, cfg, trainer.model, tokenizer, metrics)
         if cfg.output.merge_adapter:
             results.merge_adapter(source, out_dir, cfg, precision)
-        results.publish(ctx.store, out_dir, cfg.output.uri)
+        results.publish(ctx.store, out_dir, cfg.output.uri, cfg.fingerprint())
     return {"phase": "Succeeded", "outputUri": cfg.output.uri, **_short(metrics)}
 
 
