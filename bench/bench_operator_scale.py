@@ -24,7 +24,7 @@ from typing import Any
 
 from kubetune_localenv import scale, stack
 from kubetune_localenv.cluster import LocalEnv
-from kubetune_operator import builders
+from kubetune_operator import builders, names
 
 MAX_JOBS = 500
 TIMEOUT = 300.0
@@ -86,7 +86,7 @@ def run_operator(api: Any, namespace: str, count: int) -> float:
     from kubernetes import client
 
     custom = client.CustomObjectsApi(api)
-    group, version, plural = stack.FTJ
+    group, version, plural = names.GROUP, names.VERSION, names.PLURAL
     started = time.monotonic()
     for i in range(count):
         custom.create_namespaced_custom_object(

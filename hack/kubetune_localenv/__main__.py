@@ -18,26 +18,11 @@ import time
 from pathlib import Path
 
 from . import tools
-from .cluster import LaunchError, LocalEnv, log
+from .cluster import LaunchError, LocalEnv, log, pid_alive
 
 DEFAULT_STATE = Path(".kubetune")
 SUPERVISOR_PID = "supervisor.pid"
 READY_FILE = "ready"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _read_pid(state: Path) -> int | None:
@@ -82,7 +67,7 @@ def cmd_serve(state: Path, with_agent: bool) -> int:
 
 def cmd_up(state: Path, with_agent: bool, timeout: float) -> int:
     pid = _read_pid(state)
-    if pid and _pid_alive(pid) and (state / READY_FILE).exists():
+    if pid and pid_alive(pid) and (state / READY_FILE).exists():
         log(f"already running (supervisor pid {pid}); kubeconfig: {state / 'kubeconfig'}")
         return 0
     state.mkdir(parents=True, exist_ok=True)
@@ -122,22 +107,22 @@ def cmd_up(state: Path, with_agent: bool, timeout: float) -> int:
 
 def cmd_down(state: Path, timeout: float = 30.0) -> int:
     pid = _read_pid(state)
-    if pid is None or not _pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         log("not running")
         (state / SUPERVISOR_PID).unlink(missing_ok=True)
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)  # children still die: they carry PDEATHSIG
     # The components die with the supervisor; make sure none is left.
     leftovers = _component_pids(state)
     deadline = time.monotonic() + 10
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.2)
-        leftovers = [p for p in leftovers if _pid_alive(p)]
+        leftovers = [p for p in leftovers if pid_alive(p)]
     for leftover in leftovers:
         os.kill(leftover, signal.SIGKILL)
     (state / SUPERVISOR_PID).unlink(missing_ok=True)
@@ -157,14 +142,14 @@ def _component_pids(state: Path) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except FileNotFoundError:
             continue
-        if str(state.resolve()).encode() in cmdline and _pid_alive(pid):
+        if str(state.resolve()).encode() in cmdline and pid_alive(pid):
             found.append(pid)
     return found
 
 
 def cmd_status(state: Path) -> int:
     pid = _read_pid(state)
-    if pid and _pid_alive(pid) and (state / READY_FILE).exists():
+    if pid and pid_alive(pid) and (state / READY_FILE).exists():
         print((state / "state.json").read_text())
         return 0
     log("not running")

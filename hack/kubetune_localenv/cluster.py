@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,15 @@ def _die_with_parent() -> None:
     # the parent dies, so no etcd/apiserver outlives a killed launcher. libc is
     # loaded before the fork: only the prctl call itself runs in the child.
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def port_is_free(port: int) -> bool:
@@ -485,16 +494,6 @@ class LocalEnv:
         if self.s3:
             env.update(self.s3.env())
         return env
-
-
-@contextlib.contextmanager
-def running(state_dir: Path, **kwargs: bool) -> Iterator[LocalEnv]:
-    env = LocalEnv(state_dir, **kwargs)  # type: ignore[arg-type]
-    env.start()
-    try:
-        yield env
-    finally:
-        env.stop()
 
 
 def log(message: str) -> None:

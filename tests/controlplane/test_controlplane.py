@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_localenv.cluster import LocalEnv
+from kubetune_localenv.cluster import LocalEnv, pid_alive
 from kubetune_localenv.stack import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -202,14 +202,6 @@ def _pids(state: Path) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads((state / "state.json").read_text())["pids"].items()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_cluster_up_and_down_leave_no_process(tmp_path: Path) -> None:
     state = tmp_path / "state"
     up = _cli("up", "--state", str(state), "--no-agent")
@@ -225,7 +217,7 @@ def test_cluster_up_and_down_leave_no_process(tmp_path: Path) -> None:
 
     down = _cli("down", "--state", str(state))
     assert down.returncode == 0, down.stderr
-    assert not [name for name, pid in pids.items() if _alive(pid)]
+    assert not [name for name, pid in pids.items() if pid_alive(pid)]
     assert _cli("status", "--state", str(state)).returncode == 1
 
 
@@ -258,6 +250,6 @@ def test_killed_launcher_leaves_no_process_and_busy_ports_are_avoided(tmp_path: 
     supervisor = int((state / "supervisor.pid").read_text())
     os.kill(supervisor, signal.SIGKILL)  # as if the session were interrupted
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids.values()):
         time.sleep(0.2)
-    assert not [name for name, pid in pids.items() if _alive(pid)]
+    assert not [name for name, pid in pids.items() if pid_alive(pid)]
