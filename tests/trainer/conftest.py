@@ -41,14 +41,6 @@ __all__ = [
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
 
-#: Bytecode cache for torch/transformers/trl, outside the repository and the venv. The venv ships
-#: no .pyc files and PYTHONDONTWRITEBYTECODE is set here, so without it every trainer process
-#: compiles those libraries from source again (about 30 s of CPU each on this machine).
-PYCACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune" / "pycache"
-if sys.pycache_prefix is None:
-    sys.pycache_prefix = str(PYCACHE)
-    sys.dont_write_bytecode = False
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -126,7 +118,6 @@ def trainer_run(s3_env: dict[str, str], bucket: str, tmp_path: Path) -> TrainerR
     env.update(s3_env)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix or str(PYCACHE)
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["OMP_NUM_THREADS"] = "1"
