@@ -6,7 +6,7 @@ without native bf16 that means emulated bf16 and recomputed activations. kubetun
 and turns checkpointing off on CPU. This benchmark trains the same LoRA on the same
 small random Llama for the same steps both ways and prints the steps/s ratio.
 
-    .venv/bin/python bench/bench_cpu_precision.py --steps 30
+    .venv/bin/python bench/bench_cpu_precision.py --steps 20
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
     steps = max(2, min(args.steps, 500))
 

@@ -65,16 +65,10 @@ def s3_env(local_env: LocalEnv) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def s3_client(s3_env: dict[str, str]) -> Any:
-    import boto3
+def s3_client(local_env: LocalEnv) -> Any:
+    from kubetune_localenv import stack
 
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"],
-        region_name=s3_env["AWS_DEFAULT_REGION"],
-    )
+    return stack.s3_client(local_env)
 
 
 @pytest.fixture

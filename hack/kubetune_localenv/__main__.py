@@ -67,9 +67,12 @@ def cmd_serve(state: Path, with_agent: bool) -> int:
 
 def cmd_up(state: Path, with_agent: bool, timeout: float) -> int:
     pid = _read_pid(state)
-    if pid and pid_alive(pid) and (state / READY_FILE).exists():
-        log(f"already running (supervisor pid {pid}); kubeconfig: {state / 'kubeconfig'}")
-        return 0
+    if pid and pid_alive(pid):
+        if (state / READY_FILE).exists():
+            log(f"already running (supervisor pid {pid}); kubeconfig: {state / 'kubeconfig'}")
+            return 0
+        log(f"error: a control plane is still starting in {state} (supervisor pid {pid}); wait, or run make cluster-down")
+        return 1
     state.mkdir(parents=True, exist_ok=True)
     (state / READY_FILE).unlink(missing_ok=True)
     # Build in the foreground so build errors reach the terminal directly.

@@ -188,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"kubetune: error: a demo is already running in {args.state}", file=sys.stderr)
+            print(
+                f"kubetune: error: a demo is already running in {args.state}: stop it (Ctrl-C),"
+                " or run another with DEMO_ARGS='--state <other folder>'",
+                file=sys.stderr,
+            )
             return 1
         if args.state.exists():
             shutil.rmtree(args.state)  # each demo starts from a clean cluster

@@ -111,4 +111,4 @@ def add_fake_nodes(env: LocalEnv, count: int) -> None:
         if len(ready) >= count:
             return
         time.sleep(0.3)
-    raise LaunchError("kwok did not make the fake nodes Ready within 60s; see its log")
+    raise LaunchError(f"kwok did not make the fake nodes Ready within 60s; see {env.logs_dir / 'kwok.log'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -124,6 +125,7 @@ def pinned_version(tool: GoTool) -> str:
     return match.group(1)
 
 
+@functools.cache  # one `go env` per process: tool_path() runs for every kubectl call
 def _go_version(go: str) -> str:
     out = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, check=True)
     return out.stdout.strip()
@@ -146,14 +148,17 @@ def _find_go() -> str:
 def tool_path(name: str) -> Path:
     """Path of the cached binary for ``name`` (it may not be built yet)."""
     tool = TOOLS[name]
-    go = _find_go()
-    mod_dir = TOOLS_DIR / tool.tool_dir
+    key = f"{pinned_version(tool)}-{_pin_digest(str(TOOLS_DIR / tool.tool_dir), _find_go())}"
+    return cache_root() / "bin" / f"{tool.name}-{key}" / tool.name
+
+
+@functools.cache  # hashing the Kubernetes go.sum once per process, not per kubectl call
+def _pin_digest(mod_dir: str, go: str) -> str:
     digest = hashlib.sha256()
     for part in ("go.mod", "go.sum"):
-        digest.update((mod_dir / part).read_bytes())
+        digest.update((Path(mod_dir) / part).read_bytes())
     digest.update(_go_version(go).encode())
-    key = f"{pinned_version(tool)}-{digest.hexdigest()[:12]}"
-    return cache_root() / "bin" / f"{tool.name}-{key}" / tool.name
+    return digest.hexdigest()[:12]
 
 
 def _ldflags(tool: GoTool) -> str:

@@ -1,9 +1,10 @@
 """helm install / upgrade / uninstall of charts/kubetune into the real local control plane.
 
-The control plane (etcd, kube-apiserver, kube-controller-manager) runs no kubelet, so the
-operator pods are created but never run: these tests check what the API server accepts and
-stores, the CRDs, and the RBAC the operator's ServiceAccount really gets (``kubectl auth
-can-i`` and real requests made while impersonating it).
+The control plane here (etcd, kube-apiserver, kube-controller-manager) has no node, so the
+operator pods are created but never run (``make demo`` runs them through the node agent):
+these tests check what the API server accepts and stores, the CRDs, and the RBAC the
+operator's ServiceAccount really gets (``kubectl auth can-i`` and real requests made while
+impersonating it).
 """
 
 from __future__ import annotations

@@ -70,11 +70,10 @@ def test_hardened_kopf_settings() -> None:
     settings = kopf.OperatorSettings()
     configure(settings, OperatorConfig(peering="kubetune", priority=7))
 
-    assert settings.watching.server_timeout is not None
-    assert settings.watching.client_timeout is not None
-    assert settings.watching.client_timeout > settings.watching.server_timeout
-    assert settings.watching.connect_timeout is not None
-    assert settings.networking.request_timeout is not None
+    # Hardened: kopf's watches default to no server/client timeout (a silently dead watch).
+    watching = settings.watching
+    assert (watching.server_timeout, watching.client_timeout, watching.connect_timeout) == (300, 330, 10)
+    assert (settings.networking.request_timeout, settings.networking.connect_timeout) == (30, 10)
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
     assert set(settings.watching.label_selectors.values()) == {names.CHILD_SELECTOR}

@@ -41,7 +41,8 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
         text = cpuinfo.read_text()
     except OSError:
         return False
-    return any(flag in text.split() for flag in _CPU_BF16_FLAGS)
+    words = set(text.split())
+    return any(flag in words for flag in _CPU_BF16_FLAGS)
 
 
 def probe() -> Hardware:
@@ -70,7 +71,8 @@ def choose_precision(requested: Precision, hw: Hardware) -> PrecisionChoice:
         raise InvalidConfigError("training.precision fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU")
     if requested == "bf16" and hw.cuda and not hw.cuda_bf16:
         raise InvalidConfigError(
-            f"training.precision bf16 requested but {hw.device_name} does not support bf16"
+            f"training.precision bf16 requested but {hw.device_name} does not support bf16;"
+            " set training.precision to auto or fp16"
         )
     return PrecisionChoice(requested, f"requested {requested} in the config")
 
@@ -88,7 +90,8 @@ def check_world_size(gpus: int, world_size: int, visible_gpus: int) -> None:
         return
     if visible_gpus < gpus:
         raise WorldSizeMismatchError(
-            f"{gpus} GPU(s) requested but only {visible_gpus} visible to the process"
+            f"{gpus} GPU(s) requested but only {visible_gpus} visible to the process;"
+            " check resources.gpus and resources.gpuResourceName against the node's GPU device plugin"
         )
     if world_size != gpus:
         raise WorldSizeMismatchError(

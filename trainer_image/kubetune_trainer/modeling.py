@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelSpec, TrainerConfig
+from .errors import ObjectAccessError
 from .hardware import PrecisionChoice
 from .storage import ObjectStore
 
@@ -40,7 +41,12 @@ def resolve_source(spec: ModelSpec, store: ObjectStore, work_dir: Path) -> str:
         return spec.source
     dest = work_dir / "base-model"
     if not (dest / "config.json").exists():
-        files = store.download_folder(spec.source, dest)
+        try:
+            files = store.download_folder(spec.source, dest)
+        except ObjectAccessError as err:
+            raise ObjectAccessError(
+                spec.source, f"{err.reason}: model.source must name a folder written by save_pretrained"
+            ) from err
         log.info("model: downloaded %d files from %s", len(files), spec.source)
     return str(dest)
 

@@ -28,6 +28,8 @@ class RunContext:
     store: ObjectStore
     work_dir: Path
     flag: checkpoints.TerminationFlag
+    #: ``cfg.fingerprint()``, computed once: every marker and the manifest record it.
+    fingerprint: str
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +55,7 @@ def already_published(ctx: RunContext) -> dict[str, Any] | None:
         return None
     import json
 
-    errors.check_same_run(manifest_uri, json.loads(ctx.store.get_bytes(manifest_uri)), ctx.cfg.fingerprint())
+    errors.check_same_run(manifest_uri, json.loads(ctx.store.get_bytes(manifest_uri)), ctx.fingerprint)
     metrics: dict[str, Any] = json.loads(ctx.store.get_bytes(join_uri(ctx.cfg.output.uri, "metrics.json")))
     return metrics
 
@@ -171,12 +173,18 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, store=ObjectStore.from_spec(cfg.storage), work_dir=work_dir, flag=flag)
+    ctx = RunContext(
+        cfg=cfg,
+        store=ObjectStore.from_spec(cfg.storage),
+        work_dir=work_dir,
+        flag=flag,
+        fingerprint=cfg.fingerprint(),
+    )
     done = already_published(ctx)
     if done is not None:
         log.info("result already published at %s; nothing to do", cfg.output.uri)
         return {"phase": "Succeeded", "outputUri": cfg.output.uri, "alreadyComplete": True, **_short(done)}
-    checkpoints.check_owner(ctx.store, cfg.output.uri, cfg.fingerprint())
+    checkpoints.check_owner(ctx.store, cfg.output.uri, ctx.fingerprint)
 
     data = prepare_data(ctx)
 
@@ -209,14 +217,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     resume: Path | None = None
     with local_main_first():
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            resume = checkpoints.restore_latest(ctx.store, cfg.output.uri, ckpt_root, cfg.fingerprint())
+            resume = checkpoints.restore_latest(ctx.store, cfg.output.uri, ckpt_root, ctx.fingerprint)
     if resume is None:
         resume = _local_latest(ckpt_root)
 
     from trl.trainer.sft_trainer import SFTTrainer
 
     sync = checkpoints.make_checkpoint_callback(
-        ctx.store, cfg.output.uri, cfg.training.save_total_limit, flag, cfg.fingerprint()
+        ctx.store, cfg.output.uri, cfg.training.save_total_limit, flag, ctx.fingerprint
     )
     callbacks = [sync]
     ref = reporting.job_ref(cfg.reporting)
@@ -271,7 +279,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         results.write_local(out_dir, cfg, trainer.model, tokenizer, metrics)
         if cfg.output.merge_adapter:
             results.merge_adapter(source, out_dir, cfg, precision)
-        results.publish(ctx.store, out_dir, cfg.output.uri, cfg.fingerprint())
+        results.publish(ctx.store, out_dir, cfg.output.uri, ctx.fingerprint)
     return {"phase": "Succeeded", "outputUri": cfg.output.uri, **_short(metrics)}
 
 
