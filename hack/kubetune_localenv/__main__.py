@@ -71,7 +71,8 @@ def cmd_up(state: Path, with_agent: bool, timeout: float) -> int:
         if (state / READY_FILE).exists():
             log(f"already running (supervisor pid {pid}); kubeconfig: {state / 'kubeconfig'}")
             return 0
-        log(f"error: a control plane is still starting in {state} (supervisor pid {pid}); wait, or run make cluster-down")
+        log(f"error: a control plane is still starting in {state} (supervisor pid {pid});")
+        log("wait for it, or stop it with: make cluster-down")
         return 1
     state.mkdir(parents=True, exist_ok=True)
     (state / READY_FILE).unlink(missing_ok=True)
