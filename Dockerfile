@@ -29,11 +29,11 @@ RUN groupadd --system --gid 65532 kubetune \
     && useradd --system --no-log-init --uid 65532 --gid 65532 --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin kubetune
 COPY --from=build /opt/venv /opt/venv
-# The operator package and the import-light trainer config schema it renders job configs with.
+# The API contract (pydantic models) and the operator package; not the trainer.
+COPY api/kubetune_api /app/api/kubetune_api
 COPY operator/kubetune_operator /app/operator/kubetune_operator
-COPY trainer_image/kubetune_trainer /app/trainer_image/kubetune_trainer
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/app/operator:/app/trainer_image \
+    PYTHONPATH=/app/api:/app/operator \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # Byte-compile the project's own code now: at run time the root filesystem is read-only.

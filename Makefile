@@ -17,7 +17,7 @@ UV_DIR = $$($(PYTHON) -c 'import os, uv; print(os.path.dirname(uv.find_uv_bin())
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test lint bench logs cluster-up cluster-down cluster-status demo clean
+.PHONY: help setup tools crds test lint bench logs cluster-up cluster-down cluster-status demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -34,16 +34,19 @@ TEST_TOOLS := etcd kube-apiserver kube-controller-manager kubectl helm versitygw
 tools: setup ## build the pinned Go binaries (etcd, kube-apiserver, kcm, kube-scheduler, kubectl, helm, versitygw, kwok, kube-score) into ~/.cache/kubetune
 	$(VENV_PY) -m kubetune_localenv build
 
-lint: setup ## ruff + mypy --strict
-	.venv/bin/ruff check .
-	.venv/bin/ruff format --check .
-	.venv/bin/mypy
+crds: setup ## regenerate the CRD (crds/ and the chart's copy) and docs/api.md from the API models in api/kubetune_api
+	$(VENV_PY) -m kubetune_api
+	hack/sync-chart-crds.sh
 
-test: setup ## the test suite: lint, type check, then unit, API-server and end-to-end tests
-	$(VENV_PY) -m kubetune_localenv build $(TEST_TOOLS)
+lint: setup ## ruff + mypy --strict + the import contract (lint-imports) + generated files up to date
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
+	$(VENV_PY) -m kubetune_api --check
+
+test: lint ## the test suite: lint, type check, import contract, then unit, API-server and end-to-end tests
+	$(VENV_PY) -m kubetune_localenv build $(TEST_TOOLS)
 	PATH="$(UV_DIR):$$PATH" $(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup ## the main job end to end: control plane, S3, node agent, operator, a tiny QLoRA fine-tune on CPU

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kubetune_api import coordinates
 from kubetune_localenv import scale, stack
 from kubetune_localenv.cluster import LocalEnv
-from kubetune_operator import builders, names
+from kubetune_operator import builders
 
 MAX_JOBS = 500
 TIMEOUT = 300.0
@@ -33,8 +34,8 @@ COMMAND = "python bench/bench_operator_scale.py"
 
 def finetunejob(name: str, namespace: str) -> dict[str, Any]:
     return {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
+        "apiVersion": coordinates.API_VERSION,
+        "kind": coordinates.KIND,
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "model": {"source": "s3://models/llama-3.2-1b"},
@@ -86,7 +87,7 @@ def run_operator(api: Any, namespace: str, count: int) -> float:
     from kubernetes import client
 
     custom = client.CustomObjectsApi(api)
-    group, version, plural = names.GROUP, names.VERSION, names.PLURAL
+    group, version, plural = coordinates.GROUP, coordinates.VERSION, coordinates.PLURAL
     started = time.monotonic()
     for i in range(count):
         custom.create_namespaced_custom_object(

@@ -10,6 +10,7 @@
 --
 --   no status yet, or status.observedGeneration < metadata.generation  -> Progressing
 --   Failed, or condition Failed=True                                   -> Degraded
+--   not finished, but stuck on a reason that needs a human               -> Degraded
 --   Succeeded, or condition Succeeded=True                             -> Healthy
 --   Suspended, or condition Suspended=True                             -> Suspended
 --   Pending / Queued / Running                                         -> Progressing
@@ -21,6 +22,19 @@
 --
 -- A FineTuneJob that is Progressing keeps its Argo CD Application Progressing until the run
 -- ends, so a sync wave after it only starts once the adapter has been written.
+
+-- The warning reasons of a job that has not ended (kubetune_api.reasons: warning, phase Pending):
+-- the trainer pod cannot start until someone fixes the image or a Secret reference.
+-- tests/chart/test_argocd_health.py fails when this list and the enum differ.
+local NEEDS_A_HUMAN = {
+  CreateContainerConfigError = true,
+  CreateContainerError = true,
+  ErrImageNeverPull = true,
+  ErrImagePull = true,
+  ImagePullBackOff = true,
+  InvalidImageName = true,
+  RunContainerError = true,
+}
 
 local function condition(status, ctype)
   if status.conditions == nil then
@@ -111,6 +125,15 @@ local function health(o)
       hs.message = "Adapter written to " .. status.outputURI
     else
       hs.message = detail(succeeded) or "FineTuneJob succeeded"
+    end
+    return hs
+  end
+
+  if NEEDS_A_HUMAN[status.reason] then
+    hs.status = "Degraded"
+    hs.message = phase .. ": " .. status.reason
+    if status.message ~= nil and status.message ~= "" then
+      hs.message = hs.message .. ": " .. status.message
     end
     return hs
   end

@@ -1,40 +1,39 @@
 """Pure builders: a FineTuneJob (as the API server returns it) -> the Kubernetes objects it needs.
 
 No I/O and no clients here: every function takes plain dicts and returns plain dicts, so the
-whole desired state is unit-testable without a cluster. The API server has already applied the
-CRD's defaults to the FineTuneJob; the builders still fall back to the same defaults so that a
-partial body (e.g. in a unit test) renders the same objects.
+whole desired state is unit-testable without a cluster. The spec is read through the API
+types (:func:`spec_of`), so a partial body (e.g. in a unit test) gets the same defaults the API
+server fills in.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
-from kubetune_trainer.config import (
-    EXIT_INVALID_CONFIG,
-    EXIT_INVALID_DATA,
-    EXIT_WORLD_SIZE_MISMATCH,
-    TrainerConfig,
-)
+from pydantic import ValidationError
+
+from kubetune_api import coordinates, wellknown
+from kubetune_api.exitcodes import NON_RETRYABLE
+from kubetune_api.spec import FineTuneJobSpec
+from kubetune_api.trainer import ReportingSpec, TrainerConfig
 
 from . import names
 
 Obj = dict[str, Any]
 Body = Mapping[str, Any]
 
-#: Exit codes after which a retry cannot help: the Job fails at once (podFailurePolicy FailJob).
-NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_DATA, EXIT_INVALID_CONFIG, EXIT_WORLD_SIZE_MISMATCH)
-#: UID/GID the trainer runs as: the trainer image's non-root user (USER 65532:65532 in its Dockerfile).
-TRAINER_UID = 65532
-#: Scratch space (the trainer's workDir lives under it); the root filesystem is read-only.
-SCRATCH_DIR = "/tmp"
-DEFAULT_BACKOFF_LIMIT = 3
-DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
-#: Spec keys that map 1:1 onto TrainerConfig sections.
-_PASS_THROUGH = ("dataset", "method", "quantization", "lora", "training", "output")
+class InvalidSpecError(ValueError):
+    """The stored spec does not parse with the API types (e.g. stored under an older schema)."""
+
+
+def spec_of(ftj: Body) -> FineTuneJobSpec:
+    """The FineTuneJob's spec, typed (defaults filled in, rules checked)."""
+    try:
+        return FineTuneJobSpec.model_validate(ftj["spec"])
+    except ValidationError as err:
+        raise InvalidSpecError(str(err)) from err
 
 
 def _meta(ftj: Body) -> Mapping[str, Any]:
@@ -42,17 +41,21 @@ def _meta(ftj: Body) -> Mapping[str, Any]:
     return meta
 
 
-def _spec(ftj: Body) -> Mapping[str, Any]:
-    spec: Mapping[str, Any] = ftj["spec"]
-    return spec
+def _wire(value: Any) -> Any:
+    """A model (or tuple of models) as the JSON the API expects."""
+    if isinstance(value, tuple):
+        return [_wire(item) for item in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return value
 
 
 def owner_reference(ftj: Body) -> Obj:
     """A controller owner reference to the FineTuneJob: children are garbage-collected with it."""
     meta = _meta(ftj)
     return {
-        "apiVersion": names.API_VERSION,
-        "kind": names.KIND,
+        "apiVersion": coordinates.API_VERSION,
+        "kind": coordinates.KIND,
         "name": meta["name"],
         "uid": meta["uid"],
         "controller": True,
@@ -70,35 +73,12 @@ def _child_metadata(ftj: Body, name: str, extra_labels: Mapping[str, str] | None
     }
 
 
-def gpus(ftj: Body) -> int:
-    """GPUs requested by the FineTuneJob (the CRD defaults to 1)."""
-    return int(_spec(ftj).get("resources", {}).get("gpus", 1))
-
-
 def trainer_config(ftj: Body) -> TrainerConfig:
-    """The trainer's config, rendered from the spec (same camelCase field names).
-
-    CRD-only fields (Secret references, scheduling, resources, lifecycle) are dropped or turned
-    into what the trainer sees: a token Secret becomes ``model.tokenEnv`` (``HF_TOKEN``), the GPU
-    count becomes ``gpus``, and ``reporting`` names this FineTuneJob.
-    """
-    spec = _spec(ftj)
+    """The trainer's config: the spec's training sections, and ``reporting`` naming this FineTuneJob."""
     meta = _meta(ftj)
-    model_spec = spec["model"]
-    model: Obj = {
-        key: model_spec[key] for key in ("source", "revision", "trustRemoteCode") if key in model_spec
-    }
-    if "tokenSecretRef" in model_spec:
-        model["tokenEnv"] = "HF_TOKEN"
-    storage = {key: value for key, value in spec.get("storage", {}).items() if key != "credentialsSecretRef"}
-    data: Obj = {key: copy.deepcopy(spec[key]) for key in _PASS_THROUGH if key in spec}
-    data.update(
-        model=model,
-        storage=storage,
-        reporting={"namespace": meta["namespace"], "name": meta["name"]},
-        gpus=gpus(ftj),
+    return TrainerConfig.from_spec(
+        spec_of(ftj), ReportingSpec(namespace=meta["namespace"], name=meta["name"])
     )
-    return TrainerConfig.model_validate(data)
 
 
 def config_map(ftj: Body) -> Obj:
@@ -109,7 +89,7 @@ def config_map(ftj: Body) -> Obj:
         "kind": "ConfigMap",
         "metadata": _child_metadata(ftj, names.config_map_name(name)),
         "immutable": True,
-        "data": {names.CONFIG_KEY: trainer_config(ftj).to_json()},
+        "data": {wellknown.CONFIG_KEY: trainer_config(ftj).to_json()},
     }
 
 
@@ -133,14 +113,14 @@ def role(ftj: Body) -> Obj:
         "metadata": _child_metadata(ftj, names.service_account_name(name)),
         "rules": [
             {
-                "apiGroups": [names.GROUP],
-                "resources": [names.PLURAL],
+                "apiGroups": [coordinates.GROUP],
+                "resources": [coordinates.PLURAL],
                 "resourceNames": [name],
                 "verbs": ["get"],
             },
             {
-                "apiGroups": [names.GROUP],
-                "resources": [f"{names.PLURAL}/status"],
+                "apiGroups": [coordinates.GROUP],
+                "resources": [f"{coordinates.PLURAL}/status"],
                 "resourceNames": [name],
                 "verbs": ["get", "patch"],
             },
@@ -163,7 +143,7 @@ def role_binding(ftj: Body) -> Obj:
 
 def trainer_command(gpu_count: int) -> list[str]:
     """One process for CPU or one GPU; ``accelerate launch`` with a process per GPU beyond that."""
-    tail = ["-m", "kubetune_trainer", "--config", names.CONFIG_PATH]
+    tail = ["-m", "kubetune_trainer", "--config", wellknown.CONFIG_PATH]
     if gpu_count > 1:
         return ["accelerate", "launch", "--num_processes", str(gpu_count), *tail]
     return ["python", *tail]
@@ -178,42 +158,36 @@ def _secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> 
 
 def trainer_env(ftj: Body) -> list[Obj]:
     """Environment of the trainer: its identity, and credentials by Secret reference only."""
-    spec = _spec(ftj)
+    spec = spec_of(ftj)
     env: list[Obj] = [
-        {"name": "KUBETUNE_JOB_NAME", "value": _meta(ftj)["name"]},
-        {"name": "KUBETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "HOME", "value": SCRATCH_DIR},
-        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": wellknown.ENV_JOB_NAME, "value": _meta(ftj)["name"]},
+        {"name": wellknown.ENV_JOB_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "HOME", "value": wellknown.SCRATCH_DIR},
+        {"name": "TMPDIR", "value": wellknown.SCRATCH_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    creds = spec.get("storage", {}).get("credentialsSecretRef")
-    if creds:
-        secret = creds["name"]
-        env.append(_secret_env("AWS_ACCESS_KEY_ID", secret, creds.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID")))
-        env.append(
-            _secret_env(
-                "AWS_SECRET_ACCESS_KEY", secret, creds.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")
-            )
-        )
-        if "sessionTokenKey" in creds:
-            env.append(_secret_env("AWS_SESSION_TOKEN", secret, creds["sessionTokenKey"]))
-    token = spec["model"].get("tokenSecretRef")
-    if token:
-        env.append(_secret_env("HF_TOKEN", token["name"], token.get("key", "token")))
+    creds = spec.storage.credentials_secret_ref
+    if creds is not None:
+        env.append(_secret_env(wellknown.ENV_ACCESS_KEY_ID, creds.name, creds.access_key_id_key))
+        env.append(_secret_env(wellknown.ENV_SECRET_ACCESS_KEY, creds.name, creds.secret_access_key_key))
+        if creds.session_token_key is not None:
+            env.append(_secret_env(wellknown.ENV_SESSION_TOKEN, creds.name, creds.session_token_key))
+    token = spec.model.token_secret_ref
+    if token is not None:
+        env.append(_secret_env(wellknown.ENV_HUB_TOKEN, token.name, token.key))
     return env
 
 
-def trainer_resources(ftj: Body) -> Obj:
+def trainer_resources(spec: FineTuneJobSpec) -> Obj:
     """GPU limits plus CPU and memory requests = limits (Guaranteed QoS when all are set)."""
-    res = _spec(ftj).get("resources", {})
+    res = spec.resources
     limits: Obj = {}
     requests: Obj = {}
-    count = gpus(ftj)
-    if count > 0:
-        limits[res.get("gpuResourceName", DEFAULT_GPU_RESOURCE)] = str(count)
-    for key in ("cpu", "memory"):
-        if key in res:
-            requests[key] = limits[key] = str(res[key])
+    if res.gpus > 0:
+        limits[res.gpu_resource_name] = str(res.gpus)
+    for key, value in (("cpu", res.cpu), ("memory", res.memory)):
+        if value is not None:
+            requests[key] = limits[key] = str(value)
     out: Obj = {}
     if limits:
         out["limits"] = limits
@@ -222,18 +196,17 @@ def trainer_resources(ftj: Body) -> Obj:
     return out
 
 
-def _volumes(ftj: Body) -> list[Obj]:
+def _volumes(ftj: Body, spec: FineTuneJobSpec) -> list[Obj]:
     name = _meta(ftj)["name"]
     shm: Obj = {"medium": "Memory"}
-    shm_size = _spec(ftj).get("resources", {}).get("sharedMemory")
-    if shm_size is not None:
-        shm["sizeLimit"] = str(shm_size)
+    if spec.resources.shared_memory is not None:
+        shm["sizeLimit"] = str(spec.resources.shared_memory)
     return [
         {
             "name": "config",
             "configMap": {
                 "name": names.config_map_name(name),
-                "items": [{"key": names.CONFIG_KEY, "path": names.CONFIG_KEY}],
+                "items": [{"key": wellknown.CONFIG_KEY, "path": wellknown.CONFIG_KEY}],
             },
         },
         {"name": "scratch", "emptyDir": {}},
@@ -243,19 +216,19 @@ def _volumes(ftj: Body) -> list[Obj]:
 
 def trainer_container(ftj: Body, image: str) -> Obj:
     """The trainer container: restricted security context, read-only root, config mounted."""
-    spec = _spec(ftj)
+    spec = spec_of(ftj)
     container: Obj = {
         "name": names.TRAINER_CONTAINER,
         "image": image,
-        "command": trainer_command(gpus(ftj)),
+        "command": trainer_command(spec.resources.gpus),
         "env": trainer_env(ftj),
-        "resources": trainer_resources(ftj),
+        "resources": trainer_resources(spec),
         "volumeMounts": [
-            {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
-            {"name": "scratch", "mountPath": SCRATCH_DIR},
+            {"name": "config", "mountPath": wellknown.CONFIG_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": wellknown.SCRATCH_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
-        "terminationMessagePath": names.TERMINATION_MESSAGE_PATH,
+        "terminationMessagePath": wellknown.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -265,14 +238,14 @@ def trainer_container(ftj: Body, image: str) -> Obj:
             "runAsNonRoot": True,
         },
     }
-    if "imagePullPolicy" in spec:
-        container["imagePullPolicy"] = spec["imagePullPolicy"]
+    if spec.image_pull_policy is not None:
+        container["imagePullPolicy"] = spec.image_pull_policy
     return container
 
 
 def pod_template(ftj: Body, image: str) -> Obj:
     """The trainer pod: one container, the per-job ServiceAccount, and the spec's scheduling."""
-    spec = _spec(ftj)
+    spec = spec_of(ftj)
     name = _meta(ftj)["name"]
     pod_spec: Obj = {
         "restartPolicy": "Never",
@@ -281,55 +254,52 @@ def pod_template(ftj: Body, image: str) -> Obj:
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
+            "runAsUser": wellknown.TRAINER_UID,
+            "runAsGroup": wellknown.TRAINER_UID,
+            "fsGroup": wellknown.TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [trainer_container(ftj, image)],
-        "volumes": _volumes(ftj),
+        "volumes": _volumes(ftj, spec),
     }
-    scheduling = spec.get("scheduling", {})
-    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
-        if scheduling.get(key):
-            pod_spec[key] = copy.deepcopy(scheduling[key])
-    if spec.get("imagePullSecrets"):
-        pod_spec["imagePullSecrets"] = copy.deepcopy(spec["imagePullSecrets"])
+    scheduling = spec.scheduling
+    passed = {
+        "nodeSelector": scheduling.node_selector,
+        "tolerations": scheduling.tolerations,
+        "affinity": scheduling.affinity,
+        "priorityClassName": scheduling.priority_class_name,
+        "imagePullSecrets": spec.image_pull_secrets,
+    }
+    pod_spec.update({key: _wire(value) for key, value in passed.items() if value})
     return {"metadata": {"labels": names.labels(name)}, "spec": pod_spec}
 
 
-def queue_name(ftj: Body) -> str | None:
-    """The Kueue LocalQueue, if the FineTuneJob asks for one."""
-    value = _spec(ftj).get("scheduling", {}).get("queueName")
-    return str(value) if value else None
-
-
-def desired_suspend(ftj: Body) -> bool | None:
+def desired_suspend(spec: FineTuneJobSpec) -> bool | None:
     """What the Job's ``spec.suspend`` should be; ``None`` when Kueue decides (queued, not suspended)."""
-    if _spec(ftj).get("suspend", False):
+    if spec.suspend:
         return True
-    if queue_name(ftj):
+    if spec.scheduling.queue_name:
         return None
     return False
 
 
-def lifecycle_fields(ftj: Body) -> Obj:
+def lifecycle_fields(spec: FineTuneJobSpec) -> Obj:
     """The Job fields that follow ``spec.lifecycle`` (None = unset)."""
-    lifecycle = _spec(ftj).get("lifecycle", {})
+    lifecycle = spec.lifecycle
     return {
-        "backoffLimit": int(lifecycle.get("backoffLimit", DEFAULT_BACKOFF_LIMIT)),
-        "activeDeadlineSeconds": lifecycle.get("activeDeadlineSeconds"),
-        "ttlSecondsAfterFinished": lifecycle.get("ttlSecondsAfterFinished"),
+        "backoffLimit": lifecycle.backoff_limit,
+        "activeDeadlineSeconds": lifecycle.active_deadline_seconds,
+        "ttlSecondsAfterFinished": lifecycle.ttl_seconds_after_finished,
     }
 
 
 def job(ftj: Body, default_image: str) -> Obj:
     """The batch/v1 Job running the trainer once (retried per backoffLimit and podFailurePolicy)."""
-    spec = _spec(ftj)
+    spec = spec_of(ftj)
     name = _meta(ftj)["name"]
-    queue = queue_name(ftj)
+    queue = spec.scheduling.queue_name
     extra_labels = {names.LABEL_KUEUE_QUEUE: queue} if queue else None
-    suspend = desired_suspend(ftj)
+    suspend = desired_suspend(spec)
     job_spec: Obj = {
         "completions": 1,
         "parallelism": 1,
@@ -343,16 +313,16 @@ def job(ftj: Body, default_image: str) -> Obj:
                     "onExitCodes": {
                         "containerName": names.TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": list(NON_RETRYABLE_EXIT_CODES),
+                        "values": list(NON_RETRYABLE),
                     },
                 },
                 # Node drains, preemption and evictions do not count against backoffLimit.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": pod_template(ftj, spec.get("image") or default_image),
+        "template": pod_template(ftj, spec.image or default_image),
     }
-    job_spec.update({key: value for key, value in lifecycle_fields(ftj).items() if value is not None})
+    job_spec.update({key: value for key, value in lifecycle_fields(spec).items() if value is not None})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -366,9 +336,10 @@ def job_patch(ftj: Body, current_job: Mapping[str, Any]) -> Obj | None:
 
     Only ``suspend`` and the lifecycle limits may change after creation (the CRD enforces it).
     """
+    spec = spec_of(ftj)
     current = current_job.get("spec", {})
-    wanted: Obj = dict(lifecycle_fields(ftj))
-    suspend = desired_suspend(ftj)
+    wanted: Obj = dict(lifecycle_fields(spec))
+    suspend = desired_suspend(spec)
     if suspend is not None:
         wanted["suspend"] = suspend
     changes = {key: value for key, value in wanted.items() if current.get(key) != value}

@@ -18,19 +18,17 @@ from typing import Any, cast
 import kopf
 from prometheus_client import start_http_server
 
+from kubetune_api import coordinates
+from kubetune_api.reasons import is_warning
+
 from . import names
 from .kube import Kube, new_api_client
 from .metrics import Metrics
 from .reconcile import Outcome, Reconciler
 from .settings import OperatorConfig, configure, from_env
-from .status import FAILED
 
-FTJ = (names.GROUP, names.VERSION, names.PLURAL)
+FTJ = (coordinates.GROUP, coordinates.VERSION, coordinates.PLURAL)
 _EVENT_MESSAGE_LIMIT = 1000
-#: Pending reasons that need a human (posted as Warning events).
-WARNING_REASONS = frozenset(
-    {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError"}
-)
 
 
 @kopf.on.login()
@@ -120,8 +118,8 @@ def _announce(metrics: Metrics, outcome: Outcome) -> None:
     if before is None or before.phase != after.phase:
         metrics.transitions.labels(after.phase).inc()
     message = f"{after.reason}: {after.message}"[:_EVENT_MESSAGE_LIMIT]
-    warning = after.phase == FAILED or after.reason in WARNING_REASONS
-    kopf.event(body, type="Warning" if warning else "Normal", reason=after.phase, message=message)
+    kind = "Warning" if is_warning(after.phase, after.reason) else "Normal"
+    kopf.event(body, type=kind, reason=str(after.phase), message=message)
 
 
 @kopf.on.create(*FTJ)

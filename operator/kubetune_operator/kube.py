@@ -15,7 +15,7 @@ from typing import Any, Final
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from . import names
+from kubetune_api import coordinates
 
 Obj = dict[str, Any]
 MERGE_PATCH: Final = "application/merge-patch+json"
@@ -38,7 +38,7 @@ class Resource:
         return path
 
 
-FINETUNEJOBS: Final = Resource(names.API_VERSION, names.PLURAL)
+FINETUNEJOBS: Final = Resource(coordinates.API_VERSION, coordinates.PLURAL)
 JOBS: Final = Resource("batch/v1", "jobs")
 PODS: Final = Resource("v1", "pods")
 CONFIGMAPS: Final = Resource("v1", "configmaps")
@@ -53,7 +53,7 @@ _BY_KIND: Final = {
     ("batch/v1", "Job"): JOBS,
     ("rbac.authorization.k8s.io/v1", "Role"): ROLES,
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ROLEBINDINGS,
-    (names.API_VERSION, names.KIND): FINETUNEJOBS,
+    (coordinates.API_VERSION, coordinates.KIND): FINETUNEJOBS,
 }
 
 

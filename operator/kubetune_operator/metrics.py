@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .status import PHASES
+from kubetune_api.reasons import Phase
 
 
 class PhaseTracker(Collector):
@@ -33,7 +33,7 @@ class PhaseTracker(Collector):
     def counts(self) -> dict[str, int]:
         with self._lock:
             tally = Tally(self._phases.values())
-        return {phase: tally.get(phase, 0) for phase in PHASES}
+        return {str(phase): tally.get(phase, 0) for phase in Phase}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])

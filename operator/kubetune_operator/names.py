@@ -1,35 +1,24 @@
-"""Names, labels and API coordinates shared by the builders, the reconciler and the handlers.
+"""Names and labels of the operator's children, shared by the builders, the reconciler and the handlers.
 
 Every child object's name is derived from the FineTuneJob's name alone, so that any operator
 replica, before or after a restart, looks for (and creates) exactly the same objects. The CRD's
-CEL rules cap FineTuneJob names at :data:`MAX_NAME_LENGTH` characters so that these fit in 63.
+CEL rules cap FineTuneJob names at ``kubetune_api.coordinates.MAX_NAME_LENGTH`` characters so
+that these fit in 63. (API coordinates and the pod's well-known paths are in ``kubetune_api``.)
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-GROUP: Final = "kubetune.dev"
-VERSION: Final = "v1alpha1"
-API_VERSION: Final = f"{GROUP}/{VERSION}"
-KIND: Final = "FineTuneJob"
-PLURAL: Final = "finetunejobs"
-
-#: Longest suffix appended to a FineTuneJob name ("-trainer"); names are capped so the result fits 63.
-MAX_NAME_LENGTH: Final = 55
+from kubetune_api.coordinates import GROUP
 
 #: The trainer container's name (podFailurePolicy rules and status refer to it).
 TRAINER_CONTAINER: Final = "trainer"
-#: Where the rendered trainer config is mounted, and its key in the ConfigMap.
-CONFIG_DIR: Final = "/etc/kubetune"
-CONFIG_KEY: Final = "config.json"
-CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
-TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
 
 LABEL_NAME: Final = "app.kubernetes.io/name"
 LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
-LABEL_FINETUNEJOB: Final = "kubetune.dev/finetunejob"
+LABEL_FINETUNEJOB: Final = f"{GROUP}/finetunejob"
 LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 MANAGED_BY: Final = "kubetune"
 APP_NAME: Final = "kubetune-trainer"

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase
+
 from . import builders, names, status
 from .kube import FINETUNEJOBS, JOBS, PODS, Kube
 
@@ -36,13 +38,14 @@ class Outcome:
 def _verdict_of(previous: Mapping[str, Any]) -> status.Verdict | None:
     if not previous.get("phase"):
         return None
-    return status.Verdict(previous["phase"], previous.get("reason", ""), previous.get("message", ""))
+    return status.Verdict(Phase(previous["phase"]), previous.get("reason", ""), previous.get("message", ""))
 
 
 def _created_before(ftj: Mapping[str, Any]) -> bool:
     previous = ftj.get("status") or {}
-    return previous.get("phase") in status.TERMINAL_PHASES or any(
-        c.get("type") == "Created" and c.get("status") == "True" for c in previous.get("conditions") or []
+    return previous.get("phase") in TERMINAL_PHASES or any(
+        c.get("type") == ConditionType.CREATED and c.get("status") == "True"
+        for c in previous.get("conditions") or []
     )
 
 
@@ -98,7 +101,7 @@ class Reconciler:
     def align_job(self, ftj: Mapping[str, Any], job: Obj) -> Obj:
         """Apply spec.suspend and spec.lifecycle changes to the Job."""
         patch = builders.job_patch(ftj, job)
-        if patch is None or status.verdict(ftj, job, []).phase in status.TERMINAL_PHASES:
+        if patch is None or status.verdict(ftj, job, []).phase in TERMINAL_PHASES:
             return job
         meta = job["metadata"]
         return self.kube.patch(JOBS, meta["namespace"], meta["name"], patch)
@@ -120,18 +123,26 @@ class Reconciler:
                 job = None  # a same-named Job of a deleted FineTuneJob, still being collected
             created: tuple[str, ...] = ()
             blocked: tuple[str, ...] = ()
-            may_create = previous.get("phase") not in status.TERMINAL_PHASES
-            if (job is None and not _created_before(ftj)) or (ensure_all and job is not None and may_create):
-                job, created, blocked = self.ensure_children(ftj)
-            if job is not None:
-                job = self.align_job(ftj, job)
+            invalid: str | None = None
+            may_create = previous.get("phase") not in TERMINAL_PHASES
+            try:
+                if (job is None and not _created_before(ftj)) or (
+                    ensure_all and job is not None and may_create
+                ):
+                    job, created, blocked = self.ensure_children(ftj)
+                if job is not None:
+                    job = self.align_job(ftj, job)
+            except builders.InvalidSpecError as err:
+                invalid = f"the spec does not parse with this operator's API types: {err}"
             pods: list[Obj] = []
             if job is not None:
                 selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
                 pods = self.kube.list(PODS, namespace, selector)
-            desired = status.compute(ftj, job, pods, self.clock(), blocked=blocked)
+            desired = status.compute(ftj, job, pods, self.clock(), blocked=blocked, invalid_spec=invalid)
             patch = status.patch(previous, desired)
             if patch is not None:
                 ftj = self.kube.patch(FINETUNEJOBS, namespace, name, {"status": patch}, "status")
-            after = status.Verdict(desired["phase"], desired.get("reason", ""), desired.get("message", ""))
+            after = status.Verdict(
+                Phase(desired["phase"]), desired.get("reason", ""), desired.get("message", "")
+            )
             return Outcome(ftj, _verdict_of(previous), after, patch is not None, created, blocked)

@@ -11,11 +11,13 @@ from typing import Any
 
 import kopf
 
+from kubetune_api.coordinates import GROUP
+
 from . import names
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 #: kopf's persistence keys live under this prefix (annotations only: no status.kopf field).
-ANNOTATIONS_PREFIX = "kubetune.dev"
+ANNOTATIONS_PREFIX = GROUP
 #: Peering priorities are drawn at random from this range, so that two replicas never tie
 #: (kopf pauses every operator when priorities tie).
 PRIORITY_RANGE = (1, 2**31 - 1)

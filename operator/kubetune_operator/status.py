@@ -3,6 +3,7 @@
 Level-based: the result depends only on the objects' current state (plus the previous status for
 the few facts that outlive the Job, such as a recorded outcome after the Job's TTL deleted it),
 never on which events arrived. ``status.progress`` belongs to the trainer and is never touched.
+Every phase, condition type and reason comes from ``kubetune_api.reasons``.
 """
 
 from __future__ import annotations
@@ -13,74 +14,35 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from kubetune_trainer.config import EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_WORLD_SIZE_MISMATCH
+from kubetune_api.reasons import EXIT_CODE_REASONS, TERMINAL_PHASES, ConditionType, Phase, Reason
+from kubetune_api.status import MAX_MESSAGE, OPERATOR_FIELDS, rfc3339
 
 from . import names
 
 Obj = dict[str, Any]
 Body = Mapping[str, Any]
 
-PENDING: Final = "Pending"
-QUEUED: Final = "Queued"
-RUNNING: Final = "Running"
-SUSPENDED: Final = "Suspended"
-SUCCEEDED: Final = "Succeeded"
-FAILED: Final = "Failed"
-PHASES: Final = (PENDING, QUEUED, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
-TERMINAL_PHASES: Final = frozenset({SUCCEEDED, FAILED})
-
-#: Condition types, in the order they appear in status.conditions.
-CONDITION_TYPES: Final = ("Created", "Running", "Suspended", "Succeeded", "Failed")
-
-#: Status keys the operator owns; everything else (``progress``) is left alone.
-OWNED_KEYS: Final = (
-    "phase",
-    "reason",
-    "message",
-    "observedGeneration",
-    "jobName",
-    "startTime",
-    "completionTime",
-    "attempts",
-    "exitCode",
-    "outputURI",
-    "progressSummary",
-    "conditions",
-)
-
-#: The trainer's exit codes, as failure reasons.
-EXIT_CODE_REASONS: Final = {
-    EXIT_INVALID_DATA: "InvalidDataset",
-    EXIT_INVALID_CONFIG: "InvalidConfig",
-    EXIT_WORLD_SIZE_MISMATCH: "WorldSizeMismatch",
-}
 #: Container waiting reasons worth surfacing while the pod is pending.
 WAITING_REASONS: Final = frozenset(
     {
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "InvalidImageName",
-        "ErrImageNeverPull",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "RunContainerError",
+        Reason.IMAGE_PULL_BACK_OFF,
+        Reason.ERR_IMAGE_PULL,
+        Reason.INVALID_IMAGE_NAME,
+        Reason.ERR_IMAGE_NEVER_PULL,
+        Reason.CREATE_CONTAINER_CONFIG_ERROR,
+        Reason.CREATE_CONTAINER_ERROR,
+        Reason.RUN_CONTAINER_ERROR,
     }
 )
-MAX_MESSAGE: Final = 4096
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The phase with its reason and human message."""
+    """The phase with its reason and human message (``reason`` may be a kubelet's, passed on)."""
 
-    phase: str
+    phase: Phase
     reason: str
     message: str
-
-
-def timestamp(moment: datetime.datetime) -> str:
-    """RFC 3339 in UTC with second precision, as metav1.Time serializes."""
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _truncate(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -115,6 +77,16 @@ def _by_age(pods: Sequence[Body]) -> list[Body]:
     return sorted(pods, key=lambda pod: pod.get("metadata", {}).get("creationTimestamp") or "")
 
 
+def _in_phase(pods: Sequence[Body], phase: str) -> list[Body]:
+    """Pods in a pod phase that are not being deleted."""
+    return [
+        pod
+        for pod in pods
+        if pod.get("status", {}).get("phase") == phase
+        and not pod.get("metadata", {}).get("deletionTimestamp")
+    ]
+
+
 def _latest_failed(pods: Sequence[Body]) -> Body | None:
     failed = [pod for pod in pods if pod.get("status", {}).get("phase") == "Failed"]
     return _by_age(failed)[-1] if failed else None
@@ -130,8 +102,8 @@ def pod_failure(pod: Body) -> tuple[str, str]:
     terminated = _terminated(pod) or {}
     exit_code = terminated.get("exitCode")
     detail = (terminated.get("message") or "").strip()
-    if terminated.get("reason") == "OOMKilled":
-        return "OOMKilled", detail or "the trainer ran out of memory (OOMKilled)"
+    if terminated.get("reason") == Reason.OOM_KILLED:
+        return Reason.OOM_KILLED, detail or "the trainer ran out of memory (OOMKilled)"
     if exit_code in EXIT_CODE_REASONS:
         return EXIT_CODE_REASONS[exit_code], detail or f"the trainer exited with code {exit_code}"
     pod_status = pod.get("status", {})
@@ -139,23 +111,25 @@ def pod_failure(pod: Body) -> tuple[str, str]:
         return str(pod_status["reason"]), str(pod_status.get("message") or pod_status["reason"])
     if exit_code is not None:
         text = f"the trainer exited with code {exit_code}"
-        return "Error", f"{text}: {detail}" if detail else text
-    return "PodFailed", "the trainer pod failed"
+        return Reason.ERROR, f"{text}: {detail}" if detail else text
+    return Reason.POD_FAILED, "the trainer pod failed"
 
 
 def _failed_verdict(job: Body, pods: Sequence[Body]) -> Verdict:
     cond = _job_condition(job, "Failed", "FailureTarget") or {}
-    job_reason = str(cond.get("reason") or "Failed")
+    job_reason = str(cond.get("reason") or Reason.FAILED)
     job_message = str(cond.get("message") or "")
-    if job_reason == "DeadlineExceeded":
-        return Verdict(FAILED, "DeadlineExceeded", job_message or "the job ran past activeDeadlineSeconds")
+    if job_reason == Reason.DEADLINE_EXCEEDED:
+        return Verdict(
+            Phase.FAILED, Reason.DEADLINE_EXCEEDED, job_message or "the job ran past activeDeadlineSeconds"
+        )
     pod = _latest_failed(pods)
     if pod is None:
-        return Verdict(FAILED, job_reason, job_message or "the trainer job failed")
+        return Verdict(Phase.FAILED, job_reason, job_message or "the trainer job failed")
     reason, message = pod_failure(pod)
-    if job_reason == "BackoffLimitExceeded":
+    if job_reason == Reason.BACKOFF_LIMIT_EXCEEDED:
         message = f"{message} (backoff limit reached)"
-    return Verdict(FAILED, reason, message)
+    return Verdict(Phase.FAILED, reason, message)
 
 
 def _pending_verdict(pods: Sequence[Body]) -> Verdict:
@@ -164,81 +138,95 @@ def _pending_verdict(pods: Sequence[Body]) -> Verdict:
         status = _trainer_status(pod)
         waiting = (status or {}).get("state", {}).get("waiting") or {}
         if waiting.get("reason") in WAITING_REASONS:
-            return Verdict(PENDING, str(waiting["reason"]), str(waiting.get("message") or waiting["reason"]))
+            reason = str(waiting["reason"])
+            return Verdict(Phase.PENDING, reason, str(waiting.get("message") or reason))
         for cond in pod.get("status", {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                reason = str(cond.get("reason") or "Unschedulable")
-                return Verdict(
-                    PENDING, reason, str(cond.get("message") or "the trainer pod cannot be scheduled")
-                )
-        return Verdict(PENDING, "PodStarting", "the trainer pod is starting")
-    return Verdict(PENDING, "WaitingForPod", "waiting for the Job to create the trainer pod")
+                reason = str(cond.get("reason") or Reason.UNSCHEDULABLE)
+                message = str(cond.get("message") or "the trainer pod cannot be scheduled")
+                return Verdict(Phase.PENDING, reason, message)
+        return Verdict(Phase.PENDING, Reason.POD_STARTING, "the trainer pod is starting")
+    return Verdict(Phase.PENDING, Reason.WAITING_FOR_POD, "waiting for the Job to create the trainer pod")
 
 
-def verdict(ftj: Body, job: Body | None, pods: Sequence[Body], blocked: Sequence[str] = ()) -> Verdict:
+def _verdict_without_job(previous: Mapping[str, Any], blocked: Sequence[str]) -> Verdict:
+    """No Job: a recorded outcome (the Job's TTL removed it), a lost Job, or one yet to create."""
+    if previous.get("phase") in TERMINAL_PHASES:
+        return Verdict(Phase(previous["phase"]), previous.get("reason", ""), previous.get("message", ""))
+    if _condition_true(previous, ConditionType.CREATED):
+        return Verdict(Phase.FAILED, Reason.JOB_DELETED, "the trainer Job was deleted before it finished")
+    if blocked:
+        held = ", ".join(blocked)
+        return Verdict(
+            Phase.PENDING, Reason.WAITING_FOR_CLEANUP, f"names held by objects of another owner: {held}"
+        )
+    return Verdict(Phase.PENDING, Reason.CREATING, "creating the trainer Job")
+
+
+def _suspended_job_verdict(spec: Mapping[str, Any], job: Body) -> Verdict:
+    """The Job is suspended: by the user, by Kueue until admission, or on its way back."""
+    if spec.get("suspend"):
+        if job.get("status", {}).get("active"):
+            return Verdict(
+                Phase.SUSPENDED, Reason.SUSPENDING, "stopping the trainer pod; checkpoints are kept"
+            )
+        return Verdict(Phase.SUSPENDED, Reason.SUSPENDED, "suspended by spec.suspend; checkpoints are kept")
+    queue = spec.get("scheduling", {}).get("queueName")
+    if queue:
+        message = f"waiting for Kueue to admit the job from queue {queue}"
+        return Verdict(Phase.QUEUED, Reason.WAITING_FOR_ADMISSION, message)
+    return Verdict(Phase.PENDING, Reason.RESUMING, "resuming the trainer Job")
+
+
+def _active_job_verdict(job: Body, pods: Sequence[Body]) -> Verdict:
+    """The Job runs (unsuspended, not finished): from its pods' states."""
+    attempt = max(1, _attempts(job))
+    failed = _latest_failed(pods)
+    if _in_phase(pods, "Running"):
+        message = f"training (attempt {attempt})"
+        if failed is not None:
+            message += f"; the previous attempt failed: {pod_failure(failed)[0]}"
+        return Verdict(Phase.RUNNING, Reason.TRAINING, message)
+    if _in_phase(pods, "Succeeded"):
+        # The trainer exited 0 but the Job controller has not marked the Job complete yet:
+        # still Running, so the phase never steps back to Pending on the way to Succeeded.
+        return Verdict(
+            Phase.RUNNING, Reason.COMPLETING, "the trainer finished; waiting for the Job to complete"
+        )
+    pending = _pending_verdict(pods)
+    if pending.reason == Reason.WAITING_FOR_POD and failed is not None:
+        reason, detail = pod_failure(failed)
+        message = f"attempt {attempt} failed ({reason}: {detail}); waiting to retry"
+        return Verdict(Phase.PENDING, Reason.RETRYING, message)
+    return pending
+
+
+def verdict(
+    ftj: Body,
+    job: Body | None,
+    pods: Sequence[Body],
+    blocked: Sequence[str] = (),
+    invalid_spec: str | None = None,
+) -> Verdict:
     """The phase, from the Job's conditions and the Pods' states.
 
     The previous status matters only once the Job is gone (e.g. deleted by its TTL).
+    ``invalid_spec`` is the parse error of a spec the operator cannot build children from.
     """
-    spec = ftj.get("spec", {})
     previous = ftj.get("status") or {}
     if job is None:
-        if previous.get("phase") in TERMINAL_PHASES:
-            return Verdict(previous["phase"], previous.get("reason", ""), previous.get("message", ""))
-        if _condition_true(previous, "Created"):
-            return Verdict(FAILED, "JobDeleted", "the trainer Job was deleted before it finished")
-        if blocked:
-            held = ", ".join(blocked)
-            return Verdict(PENDING, "WaitingForCleanup", f"names held by objects of another owner: {held}")
-        return Verdict(PENDING, "Creating", "creating the trainer Job")
+        if invalid_spec is not None and previous.get("phase") not in TERMINAL_PHASES:
+            return Verdict(Phase.FAILED, Reason.INVALID_SPEC, invalid_spec)
+        return _verdict_without_job(previous, blocked)
     if _job_condition(job, "Complete", "SuccessCriteriaMet"):
-        pod = _latest_terminated([p for p in pods if p.get("status", {}).get("phase") == "Succeeded"])
+        pod = _latest_terminated(_in_phase(pods, "Succeeded"))
         summary = ((pod and _terminated(pod)) or {}).get("message") or ""
-        return Verdict(SUCCEEDED, "Completed", summary.strip() or "training completed")
+        return Verdict(Phase.SUCCEEDED, Reason.COMPLETED, summary.strip() or "training completed")
     if _job_condition(job, "Failed", "FailureTarget"):
         return _failed_verdict(job, pods)
-    job_status = job.get("status", {})
     if job.get("spec", {}).get("suspend"):
-        if spec.get("suspend"):
-            if job_status.get("active"):
-                return Verdict(SUSPENDED, "Suspending", "stopping the trainer pod; checkpoints are kept")
-            return Verdict(SUSPENDED, "Suspended", "suspended by spec.suspend; checkpoints are kept")
-        queue = spec.get("scheduling", {}).get("queueName")
-        if queue:
-            return Verdict(
-                QUEUED, "WaitingForAdmission", f"waiting for Kueue to admit the job from queue {queue}"
-            )
-        return Verdict(PENDING, "Resuming", "resuming the trainer Job")
-    running = [
-        pod
-        for pod in pods
-        if pod.get("status", {}).get("phase") == "Running"
-        and not pod.get("metadata", {}).get("deletionTimestamp")
-    ]
-    attempt = max(1, _attempts(job))
-    if running:
-        message = f"training (attempt {attempt})"
-        failed = _latest_failed(pods)
-        if failed is not None:
-            message += f"; the previous attempt failed: {pod_failure(failed)[0]}"
-        return Verdict(RUNNING, "Training", message)
-    finished = [
-        pod
-        for pod in pods
-        if pod.get("status", {}).get("phase") == "Succeeded"
-        and not pod.get("metadata", {}).get("deletionTimestamp")
-    ]
-    if finished:
-        # The trainer exited 0 but the Job controller has not marked the Job complete yet:
-        # still Running, so the phase never steps back to Pending on the way to Succeeded.
-        return Verdict(RUNNING, "Completing", "the trainer finished; waiting for the Job to complete")
-    pending = _pending_verdict(pods)
-    failed = _latest_failed(pods)
-    if pending.reason == "WaitingForPod" and failed is not None:
-        reason, detail = pod_failure(failed)
-        message = f"attempt {attempt} failed ({reason}: {detail}); waiting to retry"
-        return Verdict(PENDING, "Retrying", message)
-    return pending
+        return _suspended_job_verdict(ftj.get("spec", {}), job)
+    return _active_job_verdict(job, pods)
 
 
 def _attempts(job: Body) -> int:
@@ -273,6 +261,30 @@ def condition_reason(reason: str, fallback: str) -> str:
     return cleaned[:1024]
 
 
+#: The phases that make each condition True, and the reason of the False condition.
+_CONDITION_PHASES: Final = {
+    ConditionType.RUNNING: ((Phase.RUNNING,), Reason.NOT_RUNNING),
+    ConditionType.SUSPENDED: ((Phase.SUSPENDED, Phase.QUEUED), Reason.NOT_SUSPENDED),
+    ConditionType.SUCCEEDED: ((Phase.SUCCEEDED,), Reason.NOT_SUCCEEDED),
+    ConditionType.FAILED: ((Phase.FAILED,), Reason.NOT_FAILED),
+}
+
+
+def _wanted_conditions(verdict_: Verdict, created: bool) -> dict[ConditionType, tuple[bool, str, str]]:
+    """(status, reason, message) of each condition for a verdict."""
+    if created:
+        wanted = {ConditionType.CREATED: (True, str(Reason.JOB_CREATED), "the trainer Job exists")}
+    else:
+        reason = verdict_.reason or Reason.CREATING
+        wanted = {ConditionType.CREATED: (False, reason, "the trainer Job does not exist yet")}
+    for kind, (phases, false_reason) in _CONDITION_PHASES.items():
+        if verdict_.phase in phases:
+            wanted[kind] = (True, verdict_.reason, verdict_.message)
+        else:
+            wanted[kind] = (False, str(false_reason), f"phase is {verdict_.phase}")
+    return wanted
+
+
 def conditions(
     previous: Sequence[Mapping[str, Any]],
     verdict_: Verdict,
@@ -281,106 +293,88 @@ def conditions(
     now: datetime.datetime,
 ) -> list[Obj]:
     """metav1.Conditions for the verdict; lastTransitionTime moves only when a status flips."""
-    phase = verdict_.phase
-    wanted: dict[str, tuple[bool, str, str]] = {
-        "Created": (created, "JobCreated", "the trainer Job exists")
-        if created
-        else (False, verdict_.reason or "Creating", "the trainer Job does not exist yet"),
-        "Running": (phase == RUNNING, verdict_.reason, verdict_.message),
-        "Suspended": (phase in (SUSPENDED, QUEUED), verdict_.reason, verdict_.message),
-        "Succeeded": (phase == SUCCEEDED, verdict_.reason, verdict_.message),
-        "Failed": (phase == FAILED, verdict_.reason, verdict_.message),
-    }
     old = {c.get("type"): c for c in previous}
+    wanted = _wanted_conditions(verdict_, created)
     result: list[Obj] = []
-    for kind in CONDITION_TYPES:
+    for kind in ConditionType:
         is_true, reason, message = wanted[kind]
         status = "True" if is_true else "False"
-        if not is_true and kind != "Created":
-            reason, message = (
-                f"Not{kind}" if kind != "Running" else _not_running_reason(phase),
-                f"phase is {phase}",
-            )
         before = old.get(kind)
         changed = before is None or before.get("status") != status
         result.append(
             {
-                "type": kind,
+                "type": str(kind),
                 "status": status,
-                "reason": condition_reason(reason, kind),
+                "reason": condition_reason(reason, str(kind)),
                 "message": _truncate(message),
                 "observedGeneration": generation,
-                "lastTransitionTime": timestamp(now) if changed else (before or {}).get("lastTransitionTime"),
+                "lastTransitionTime": rfc3339(now) if changed else (before or {}).get("lastTransitionTime"),
             }
         )
     return result
 
 
-def _not_running_reason(phase: str) -> str:
-    return {
-        PENDING: "Pending",
-        QUEUED: "Queued",
-        SUSPENDED: "Suspended",
-        SUCCEEDED: "Finished",
-        FAILED: "Finished",
-    }.get(phase, "NotRunning")
+def _recorded_fields(
+    job: Body | None,
+    pods: Sequence[Body],
+    previous: Mapping[str, Any],
+    result: Verdict,
+    now: datetime.datetime,
+) -> Obj:
+    """startTime, attempts, completionTime and exitCode, from the Job and its pods (or as recorded)."""
+    if job is None and previous.get("phase") in TERMINAL_PHASES:
+        # The Job's TTL removed it: keep what was recorded when it ended.
+        kept = ("startTime", "completionTime", "attempts", "exitCode")
+        return {key: previous[key] for key in kept if key in previous}
+    out: Obj = {}
+    job_status = (job or {}).get("status", {})
+    out["startTime"] = previous.get("startTime") or job_status.get("startTime")
+    if job is not None:
+        out["attempts"] = max(int(previous.get("attempts") or 0), _attempts(job)) or None
+    if result.phase == Phase.SUCCEEDED:
+        out["completionTime"] = job_status.get("completionTime") or rfc3339(now)
+    elif result.phase == Phase.FAILED:
+        cond = _job_condition(job or {}, "Failed", "FailureTarget") or {}
+        out["completionTime"] = (
+            previous.get("completionTime") or cond.get("lastTransitionTime") or rfc3339(now)
+        )
+    last = _latest_terminated(pods)
+    out["exitCode"] = previous.get("exitCode") if last is None else (_terminated(last) or {}).get("exitCode")
+    return out
 
 
 def compute(
-    ftj: Body, job: Body | None, pods: Sequence[Body], now: datetime.datetime, blocked: Sequence[str] = ()
+    ftj: Body,
+    job: Body | None,
+    pods: Sequence[Body],
+    now: datetime.datetime,
+    *,
+    blocked: Sequence[str] = (),
+    invalid_spec: str | None = None,
 ) -> Obj:
-    """The operator-owned status fields (see :data:`OWNED_KEYS`); absent keys mean "unset".
+    """The operator-owned status fields (``kubetune_api.status.OPERATOR_FIELDS``); absent keys mean "unset".
 
-    ``blocked`` names children whose names are still held by another owner's objects.
+    ``blocked`` names children whose names are still held by another owner's objects;
+    ``invalid_spec`` is the error of a spec that does not parse (no children are built from it).
     """
     spec = ftj.get("spec", {})
     meta = ftj.get("metadata", {})
     previous: Mapping[str, Any] = ftj.get("status") or {}
-    result = verdict(ftj, job, pods, blocked)
+    result = verdict(ftj, job, pods, blocked, invalid_spec)
     generation = int(meta.get("generation") or 0)
-    job_gone_after_end = job is None and previous.get("phase") in TERMINAL_PHASES
-    created = job is not None or job_gone_after_end or _condition_true(previous, "Created")
-
+    ended_without_job = job is None and previous.get("phase") in TERMINAL_PHASES
+    created = job is not None or ended_without_job or _condition_true(previous, ConditionType.CREATED)
     status: Obj = {
-        "phase": result.phase,
-        "reason": result.reason,
+        "phase": str(result.phase),
+        "reason": str(result.reason),
         "message": _truncate(result.message),
         "observedGeneration": generation,
         "jobName": names.job_name(meta.get("name", "")),
         "outputURI": spec.get("output", {}).get("uri"),
+        "progressSummary": progress_summary(previous.get("progress")),
         "conditions": conditions(previous.get("conditions") or [], result, created, generation, now),
+        **_recorded_fields(job, pods, previous, result, now),
     }
-    summary = progress_summary(previous.get("progress"))
-    if summary is not None:
-        status["progressSummary"] = summary
-
-    if job_gone_after_end:
-        # The Job's TTL removed it: keep what was recorded when it ended.
-        for key in ("startTime", "completionTime", "attempts", "exitCode"):
-            if key in previous:
-                status[key] = previous[key]
-        return {key: value for key, value in status.items() if value is not None}
-
-    job_status = (job or {}).get("status", {})
-    start = previous.get("startTime") or job_status.get("startTime")
-    if start:
-        status["startTime"] = start
-    if job is not None:
-        attempts = max(int(previous.get("attempts") or 0), _attempts(job))
-        if attempts:
-            status["attempts"] = attempts
-    if result.phase == SUCCEEDED:
-        status["completionTime"] = job_status.get("completionTime") or timestamp(now)
-    elif result.phase == FAILED:
-        cond = _job_condition(job or {}, "Failed", "FailureTarget") or {}
-        status["completionTime"] = (
-            previous.get("completionTime") or cond.get("lastTransitionTime") or timestamp(now)
-        )
-    last = _latest_terminated(pods)
-    if last is not None:
-        status["exitCode"] = (_terminated(last) or {}).get("exitCode")
-    elif "exitCode" in previous:
-        status["exitCode"] = previous["exitCode"]
     return {key: value for key, value in status.items() if value is not None}
 
 
@@ -392,7 +386,7 @@ def patch(previous: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> Obj
     """
     previous = previous or {}
     changes: Obj = {}
-    for key in OWNED_KEYS:
+    for key in OPERATOR_FIELDS:
         if key in desired:
             if previous.get(key) != desired[key]:
                 changes[key] = desired[key]

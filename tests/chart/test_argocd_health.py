@@ -6,12 +6,16 @@ returns ``{status, message}``, exactly how Argo CD calls resource health scripts
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from lupa import LuaRuntime
+
+from kubetune_api.coordinates import API_VERSION, KIND
+from kubetune_api.reasons import TERMINAL_PHASES, Phase, Reason
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "hack" / "argocd" / "finetunejob-health.lua"
@@ -30,8 +34,8 @@ def run_health(obj: dict[str, Any] | None, script: str | None = None) -> tuple[s
 
 def ftj(status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
     obj: dict[str, Any] = {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
+        "apiVersion": API_VERSION,
+        "kind": KIND,
         "metadata": {"name": "demo", "namespace": "ml", "generation": generation},
         "spec": {"model": {"source": "org/model"}},
     }
@@ -241,17 +245,47 @@ def test_missing_object() -> None:
     assert run_health(None) == ("Missing", "FineTuneJob not found")
 
 
-def test_phases_cover_the_crd_enum() -> None:
-    """Every phase the CRD allows maps to a known Argo CD status (never Unknown)."""
-    crd = yaml.safe_load((REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml").read_text())
-    status_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
-    phases = status_schema["properties"]["phase"]["enum"]
-    assert phases, "the CRD lists no phases"
-    for phase in phases:
-        status, message = run_health(ftj({"phase": phase, "observedGeneration": 1}))
-        assert status in {"Healthy", "Progressing", "Degraded", "Suspended"}, (
-            f"{phase} -> {status} ({message})"
-        )
+#: The Argo CD status each phase maps to when nothing needs a human.
+PHASE_HEALTH = {
+    Phase.PENDING: "Progressing",
+    Phase.QUEUED: "Progressing",
+    Phase.RUNNING: "Progressing",
+    Phase.SUSPENDED: "Suspended",
+    Phase.SUCCEEDED: "Healthy",
+    Phase.FAILED: "Degraded",
+}
+
+
+def test_script_knows_exactly_the_phases_of_the_enum() -> None:
+    """The phases the script compares against are the API's phases, no more and no fewer."""
+    named = set(re.findall(r'phase == "(\w+)"', SCRIPT.read_text()))
+    assert named == {str(phase) for phase in Phase}
+    assert set(PHASE_HEALTH) == set(Phase)
+
+
+def test_script_knows_exactly_the_warning_reasons_of_unfinished_jobs() -> None:
+    match = re.search(r"local NEEDS_A_HUMAN = \{(.*?)\}", SCRIPT.read_text(), re.S)
+    assert match, "the script has no NEEDS_A_HUMAN table"
+    listed = set(re.findall(r"(\w+) = true", match.group(1)))
+    expected = {str(r) for r in Reason if r.warning and not set(r.phases) & TERMINAL_PHASES}
+    assert listed == expected, f"add to the script: {expected - listed}; remove: {listed - expected}"
+
+
+REASONS_IN_PHASES = [(reason, phase) for reason in Reason for phase in reason.phases]
+
+
+@pytest.mark.parametrize(
+    ("reason", "phase"), REASONS_IN_PHASES, ids=[f"{p}-{r}" for r, p in REASONS_IN_PHASES]
+)
+def test_every_reason_maps_to_a_known_health(reason: Reason, phase: Phase) -> None:
+    obj = ftj(
+        {"phase": str(phase), "reason": str(reason), "message": reason.meaning, "observedGeneration": 1}
+    )
+    health, message = run_health(obj)
+    needs_a_human = reason.warning and phase not in TERMINAL_PHASES
+    assert health == ("Degraded" if needs_a_human else PHASE_HEALTH[phase]), f"{phase}/{reason}: {message}"
+    if health == "Degraded":
+        assert str(reason) in message
 
 
 def test_argocd_cm_patch_embeds_the_script() -> None:

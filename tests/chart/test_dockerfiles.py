@@ -115,6 +115,25 @@ def test_entrypoint_runs_the_package(image: str) -> None:
     assert any(str(package.parent.relative_to(REPO_ROOT)) in c for c in copied)
 
 
+#: The packages each image copies: the API contract and its own package, never the other one's.
+IMAGE_PACKAGES = {
+    "operator": {"api/kubetune_api", "operator/kubetune_operator"},
+    "trainer": {"api/kubetune_api", "trainer_image/kubetune_trainer"},
+}
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_each_image_copies_only_what_it_runs(image: str) -> None:
+    steps = dockerfile_instructions(DOCKERFILES[image])
+    copied = {a.split()[0] for w, a in steps if w == "COPY" and "--from" not in a}
+    assert copied - {"pyproject.toml"} == IMAGE_PACKAGES[image]
+    path = next(a for w, a in steps if w == "ENV" and "PYTHONPATH" in a)
+    roots = {f"/app/{package.split('/')[0]}" for package in IMAGE_PACKAGES[image]}
+    match = re.search(r"PYTHONPATH=(\S+)", path)
+    assert match, path
+    assert set(match.group(1).split(":")) == roots
+
+
 def test_operator_exposes_the_charts_ports() -> None:
     steps = dockerfile_instructions(DOCKERFILES["operator"])
     exposed = {int(p) for w, a in steps if w == "EXPOSE" for p in a.split()}

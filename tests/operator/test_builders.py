@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_operator import builders, names
-from kubetune_trainer.config import EXIT_INVALID_DATA, TrainerConfig
+from kubetune_api import coordinates
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.trainer import TrainerConfig
+from kubetune_operator import builders
 
 Obj = dict[str, Any]
 EXAMPLE_PATH = Path(__file__).resolve().parents[2] / "examples" / "finetunejob.yaml"
@@ -59,7 +61,7 @@ def test_children_have_deterministic_names_labels_and_owner(make_ftj: Any) -> No
 
 
 def test_longest_allowed_name_fits_every_derived_name(make_ftj: Any) -> None:
-    ftj = make_ftj(name="x" * names.MAX_NAME_LENGTH)
+    ftj = make_ftj(name="x" * coordinates.MAX_NAME_LENGTH)
     for obj in builders.children(ftj, TRAINER_IMAGE):
         assert len(obj["metadata"]["name"]) <= 63
 
@@ -84,7 +86,7 @@ def test_config_map_renders_the_trainer_config(make_ftj: Any) -> None:
 
     assert config.model.source == "meta-llama/Llama-3.2-1B"
     assert config.model.revision == "main"
-    assert config.model.token_env == "HF_TOKEN"
+    assert config.model.token_secret_ref is None  # the trainer reads $HF_TOKEN, filled from the Secret
     assert config.dataset.format == "chat"
     assert config.dataset.validation_split == 0.1
     assert config.training.learning_rate == 0.0001
@@ -105,7 +107,7 @@ def test_every_crd_default_is_accepted_by_the_trainer_config(make_ftj: Any) -> N
     config = builders.trainer_config(make_ftj())
     assert config.method == "qlora"
     assert config.quantization.bits == 4
-    assert config.lora.target_modules == ["all-linear"]
+    assert config.lora.target_modules == ("all-linear",)
     assert config.training == TrainerConfig.model_fields["training"].default
 
 
@@ -158,7 +160,7 @@ def test_job_failure_policy_and_lifecycle(make_ftj: Any) -> None:
     fail_job, ignore = spec["podFailurePolicy"]["rules"]
     assert fail_job["action"] == "FailJob"
     assert fail_job["onExitCodes"]["containerName"] == "trainer"
-    assert EXIT_INVALID_DATA in fail_job["onExitCodes"]["values"]
+    assert ExitCode.INVALID_DATA in fail_job["onExitCodes"]["values"]
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
 
 

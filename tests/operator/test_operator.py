@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.trainer import TrainerConfig
 from kubetune_operator import names
 from kubetune_operator.kube import CONFIGMAPS, FINETUNEJOBS, JOBS, ROLEBINDINGS, ROLES, SERVICEACCOUNTS
-from kubetune_trainer.config import EXIT_INVALID_DATA, TrainerConfig
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -142,7 +143,7 @@ def test_invalid_data_fails_at_once(operator: Any, harness: Any) -> None:
     harness.create("baddata", lifecycle={"backoffLimit": 5})
     pod = harness.kubelet.wait_pod("baddata")
     harness.kubelet.run(pod)
-    harness.kubelet.terminate(pod, EXIT_INVALID_DATA, "Error", "record 3: 'messages' is missing")
+    harness.kubelet.terminate(pod, ExitCode.INVALID_DATA, "Error", "record 3: 'messages' is missing")
 
     status = harness.wait_phase("baddata", "Failed")
     assert status["reason"] == "InvalidDataset"

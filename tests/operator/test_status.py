@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.reasons import ConditionType
 from kubetune_operator import builders, status
 
 Obj = dict[str, Any]
@@ -73,7 +74,7 @@ def test_job_without_pods_waits_for_a_pod(make_ftj: Any) -> None:
     conditions = {c["type"]: c for c in result["conditions"]}
     assert conditions["Created"]["status"] == "True"
     assert conditions["Running"]["status"] == "False"
-    assert [c["type"] for c in result["conditions"]] == list(status.CONDITION_TYPES)
+    assert [c["type"] for c in result["conditions"]] == [str(kind) for kind in ConditionType]
 
 
 @pytest.mark.parametrize(

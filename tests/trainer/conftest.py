@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.coordinates import GROUP, PLURAL, VERSION
 from kubetune_localenv.tinymodel import (
     RECORDS,
     alpaca_records,
@@ -27,7 +28,7 @@ from kubetune_localenv.tinymodel import (
     to_jsonl,
     upload_folder,
 )
-from kubetune_trainer.reporting import GROUP, PLURAL, VERSION, JobRef
+from kubetune_trainer.reporting import JobRef
 
 __all__ = [
     "RECORDS",

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from kubetune_trainer.config import EXIT_INVALID_CONFIG, TrainerConfig
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.trainer import TrainerConfig
 from kubetune_trainer.errors import InvalidConfigError, WorldSizeMismatchError
 from kubetune_trainer.hardware import Hardware, check_world_size, choose_precision, cpu_has_native_bf16
 
@@ -34,8 +35,8 @@ def test_minimal_config_round_trips_with_camel_case() -> None:
     ("patch", "message"),
     [
         ({"training": {"evalStrategy": "steps", "evalSteps": 5}}, "needs dataset.validation"),
-        ({"training": {"warmupRatio": 0.1, "warmupSteps": 10}}, "either warmupRatio or warmupSteps"),
-        ({"method": "qlora", "quantization": {"bits": 8}}, "needs quantization.bits 4"),
+        ({"training": {"warmupRatio": 0.1, "warmupSteps": 10}}, "warmupSteps are exclusive"),
+        ({"method": "qlora", "quantization": {"bits": 8}}, "bits must be 4 when method is qlora"),
         ({"training": {"bogus": 1}}, "Extra inputs are not permitted"),
     ],
 )
@@ -54,7 +55,7 @@ def test_invalid_config_file_exits_43(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
-    assert proc.returncode == EXIT_INVALID_CONFIG
+    assert proc.returncode == ExitCode.INVALID_CONFIG
     assert "invalid config" in proc.stderr
     assert "method" in proc.stderr
 
@@ -122,7 +123,7 @@ def test_world_size_mismatch_exits_44(tmp_path: Path) -> None:
 def test_config_and_pipeline_modules_import_without_heavy_libraries() -> None:
     """The operator imports the schema; the entrypoint must validate data before loading torch."""
     code = (
-        "import sys, kubetune_trainer.config, kubetune_trainer.__main__, kubetune_trainer.train\n"
+        "import sys, kubetune_api.trainer, kubetune_trainer.__main__, kubetune_trainer.train\n"
         "names = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'boto3')\n"
         "heavy = [m for m in names if m in sys.modules]\n"
         "assert not heavy, heavy\n"

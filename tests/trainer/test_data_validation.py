@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.config import DatasetSpec, FieldMapping
+from kubetune_api.spec import DatasetSpec, FieldMapping
 from kubetune_trainer.datafiles import read_records
 from kubetune_trainer.dataset import DataFiles, percentile, summarize_lengths, validate
 from kubetune_trainer.errors import InvalidDataError

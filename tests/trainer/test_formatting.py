@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.config import ModelSpec
+from kubetune_api.spec import ModelSpec
 from kubetune_trainer.dataset import ValidatedData, token_stats
 from kubetune_trainer.modeling import DEFAULT_CHAT_TEMPLATE, load_tokenizer
-from kubetune_trainer.train import chat_uses_assistant_mask, to_rows
+from kubetune_trainer.sft import chat_uses_assistant_mask, to_rows
 
 from .conftest import build_tokenizer, chat_records
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import EXIT_INVALID_DATA
+from kubetune_api.exitcodes import ExitCode
 
 from .conftest import TrainerRun, alpaca_records, chat_records, to_jsonl
 
@@ -160,11 +160,11 @@ def test_invalid_dataset_exits_42_before_training(
     code, log = trainer_run.run(timeout=120)
     elapsed = time.monotonic() - started
 
-    assert code == EXIT_INVALID_DATA, log
+    assert code == ExitCode.INVALID_DATA, log
     for expected in case.expect:
         assert expected in log, log
     summary = json.loads(trainer_run.termination_path.read_text())
-    assert summary["exitCode"] == EXIT_INVALID_DATA
+    assert summary["exitCode"] == ExitCode.INVALID_DATA
     assert case.expect[0] in summary["error"]
     # Before any training step: no model loaded, nothing written to the output.
     assert "precision:" not in log

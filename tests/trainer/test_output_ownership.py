@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.exitcodes import ExitCode
+from kubetune_api.trainer import TrainerConfig
 from kubetune_localenv import tinymodel
-from kubetune_trainer.config import EXIT_INVALID_CONFIG, TrainerConfig
 
 from .conftest import TrainerRun
 
@@ -35,7 +36,7 @@ def test_output_written_by_another_configuration_is_refused(
 
     code, log = trainer_run.run(timeout=120)
 
-    assert code == EXIT_INVALID_CONFIG, log
+    assert code == ExitCode.INVALID_CONFIG, log
     assert f"s3://{bucket}/out/job-1" in log
     assert "different configuration" in log
     assert "precision:" not in log  # refused before the model was loaded

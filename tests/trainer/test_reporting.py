@@ -9,11 +9,9 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import ReportingSpec
+from kubetune_api.coordinates import GROUP, PLURAL, VERSION
+from kubetune_api.trainer import ReportingSpec
 from kubetune_trainer.reporting import (
-    GROUP,
-    PLURAL,
-    VERSION,
     JobRef,
     ProgressReporter,
     job_ref,

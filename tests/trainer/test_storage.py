@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.spec import StorageSpec
 from kubetune_trainer.checkpoints import MARKER, list_checkpoints, prune, restore_latest, upload_checkpoint
-from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import ObjectAccessError
 from kubetune_trainer.storage import ObjectStore, join_uri
 

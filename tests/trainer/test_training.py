@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.reporting import GROUP, PLURAL, VERSION, JobRef
+from kubetune_api.coordinates import GROUP, PLURAL, VERSION
+from kubetune_trainer.reporting import JobRef
 
 from .conftest import RECORDS, TrainerRun, to_jsonl, upload_folder
 

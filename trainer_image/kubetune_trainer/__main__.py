@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import TrainerConfig
+from kubetune_api import wellknown
+from kubetune_api.trainer import TrainerConfig
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -39,7 +40,7 @@ def _load_config(path: str) -> TrainerConfig:
 def _report(cfg: TrainerConfig | None, summary: dict[str, Any]) -> None:
     from .reporting import write_termination_message
 
-    path = cfg.reporting.termination_message_path if cfg else "/dev/termination-log"
+    path = cfg.reporting.termination_message_path if cfg else wellknown.TERMINATION_MESSAGE_PATH
     write_termination_message(path, summary)
 
 

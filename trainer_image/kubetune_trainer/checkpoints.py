@@ -19,12 +19,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from kubetune_api import wellknown
+
 from . import errors
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
 
-MARKER = "_COMPLETE"
+MARKER = wellknown.CHECKPOINT_MARKER
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -35,7 +37,7 @@ class RemoteCheckpoint:
 
 
 def checkpoints_uri(output_uri: str) -> str:
-    return join_uri(output_uri, "checkpoints")
+    return join_uri(output_uri, wellknown.CHECKPOINTS_DIR)
 
 
 def list_checkpoints(
@@ -130,6 +132,17 @@ def restore_latest(
     (dest / MARKER).unlink(missing_ok=True)
     log.info("checkpoint: resuming from step %d (%s)", latest.step, latest.uri)
     return dest
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step of a local Trainer checkpoint folder (``checkpoint-N``)."""
+    return int(checkpoint.name.split("-")[-1])
+
+
+def local_latest(root: Path) -> Path | None:
+    """A checkpoint left on local disk (same pod, restarted container) when storage had none."""
+    found = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(found, key=step_of, default=None)
 
 
 class Terminated(Exception):  # noqa: N818 -- an outcome, not a bug

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DatasetSpec
+from kubetune_api.spec import DatasetSpec
+
 from .datafiles import read_records
 from .errors import InvalidDataError
 from .formats import ConcreteFormat, check_record, describe_formats, detect_format, to_example
@@ -46,6 +47,12 @@ class TokenStats:
     max: int
     truncated: int
     max_length: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.records} records, p50 {self.p50}, p95 {self.p95}, max {self.max}; "
+            f"{self.truncated} longer than maxSeqLength {self.max_length} (truncated)"
+        )
 
     def as_dict(self) -> dict[str, int]:
         return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .config import EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_WORLD_SIZE_MISMATCH
+from kubetune_api.exitcodes import ExitCode
 
 
 class TrainerError(Exception):
@@ -20,7 +20,7 @@ class InvalidDataError(TrainerError):
     ``total`` counts every problem found, of which only the first few are listed.
     """
 
-    exit_code = EXIT_INVALID_DATA
+    exit_code = ExitCode.INVALID_DATA
 
     def __init__(self, problems: Sequence[str], total: int | None = None) -> None:
         self.problems = list(problems)
@@ -46,7 +46,7 @@ class ObjectAccessError(InvalidDataError):
 class InvalidConfigError(TrainerError):
     """The config file is unreadable or inconsistent with the hardware."""
 
-    exit_code = EXIT_INVALID_CONFIG
+    exit_code = ExitCode.INVALID_CONFIG
 
 
 class ForeignOutputError(InvalidConfigError):
@@ -73,4 +73,4 @@ def check_same_run(uri: str, record: dict[str, object], fingerprint: str) -> Non
 class WorldSizeMismatchError(TrainerError):
     """The launcher started a different number of processes than GPUs were requested."""
 
-    exit_code = EXIT_WORLD_SIZE_MISMATCH
+    exit_code = ExitCode.WORLD_SIZE_MISMATCH

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from .config import FieldMapping
+from kubetune_api.spec import FieldMapping
 
 ConcreteFormat = Literal["alpaca", "chat", "prompt_completion", "text"]
 ROLES = ("system", "user", "assistant")

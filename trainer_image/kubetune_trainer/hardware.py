@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .config import Precision
+from kubetune_api.spec import Precision
+
 from .errors import InvalidConfigError, WorldSizeMismatchError
 
 ResolvedPrecision = Literal["bf16", "fp16", "fp32"]

@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import ModelSpec, TrainerConfig
+from kubetune_api import wellknown
+from kubetune_api.spec import ModelSpec
+from kubetune_api.trainer import TrainerConfig
+
 from .errors import ObjectAccessError
 from .hardware import PrecisionChoice
 from .storage import ObjectStore
@@ -30,9 +33,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def hub_token(spec: ModelSpec) -> str | None:
-    """The hub token from the env var named by ``model.tokenEnv`` (else HF_TOKEN)."""
-    return os.environ.get(spec.token_env) if spec.token_env else os.environ.get("HF_TOKEN")
+def hub_token() -> str | None:
+    """The hub token the operator passes from ``model.tokenSecretRef`` (unset for public models)."""
+    return os.environ.get(wellknown.ENV_HUB_TOKEN)
 
 
 def resolve_source(spec: ModelSpec, store: ObjectStore, work_dir: Path) -> str:
@@ -55,7 +58,7 @@ def load_tokenizer(source: str, spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=spec.revision, token=hub_token(spec), trust_remote_code=spec.trust_remote_code
+        source, revision=spec.revision, token=hub_token(), trust_remote_code=spec.trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -96,7 +99,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         source,
         revision=cfg.model.revision,
-        token=hub_token(cfg.model),
+        token=hub_token(),
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=getattr(torch, precision.torch_dtype_name),
         quantization_config=quant,
@@ -120,7 +123,7 @@ def lora_config(cfg: TrainerConfig) -> Any:
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
         bias="none",
         task_type="CAUSAL_LM",
     )

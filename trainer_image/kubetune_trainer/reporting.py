@@ -13,21 +13,17 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .config import ReportingSpec
+from kubetune_api import coordinates, wellknown
+from kubetune_api.status import Progress, rfc3339
+from kubetune_api.trainer import ReportingSpec
 
 log = logging.getLogger(__name__)
 
 #: Connect/read timeout of one status patch, in seconds.
 PATCH_TIMEOUT_SECONDS = (3.0, 5.0)
-GROUP = "kubetune.dev"
-VERSION = "v1alpha1"
-PLURAL = "finetunejobs"
-#: Kubernetes keeps at most 4096 bytes of a termination message.
-TERMINATION_MESSAGE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -39,10 +35,10 @@ class JobRef:
 def job_ref(spec: ReportingSpec, environ: dict[str, str] | None = None) -> JobRef | None:
     """The FineTuneJob to report to: config first, then KUBETUNE_JOB_NAME/NAMESPACE; None if unknown."""
     env = os.environ if environ is None else environ
-    name = spec.name or env.get("KUBETUNE_JOB_NAME")
+    name = spec.name or env.get(wellknown.ENV_JOB_NAME)
     if not name:
         return None
-    namespace = spec.namespace or env.get("KUBETUNE_JOB_NAMESPACE") or _pod_namespace() or "default"
+    namespace = spec.namespace or env.get(wellknown.ENV_JOB_NAMESPACE) or _pod_namespace() or "default"
     return JobRef(namespace=namespace, name=name)
 
 
@@ -52,10 +48,6 @@ def _pod_namespace() -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def status_patcher(ref: JobRef) -> Callable[[dict[str, Any]], None]:
@@ -78,16 +70,29 @@ def status_patcher(ref: JobRef) -> Callable[[dict[str, Any]], None]:
         # Bounded: the patch runs inside the training loop, and a half-open connection to the
         # API server must cost a few seconds, never stall training.
         api.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
+            coordinates.GROUP,
+            coordinates.VERSION,
             ref.namespace,
-            PLURAL,
+            coordinates.PLURAL,
             ref.name,
             {"status": {"progress": progress}},
             _request_timeout=PATCH_TIMEOUT_SECONDS,
         )
 
     return patch
+
+
+def safe_patcher(ref: JobRef) -> Callable[[dict[str, Any]], None]:
+    """The status patcher, or a sender that always fails (logged once) if no client can be set up."""
+    try:
+        return status_patcher(ref)
+    except Exception as exc:
+        reason = str(exc)
+
+        def unavailable(_progress: dict[str, Any]) -> None:
+            raise RuntimeError(f"no Kubernetes client: {reason}")
+
+        return unavailable
 
 
 @dataclass
@@ -108,8 +113,10 @@ class ProgressReporter:
         if not force and self.last_sent is not None and now - self.last_sent < self.interval:
             return False
         self.last_sent = now
+        # Through the API type: a misspelt field fails here, in tests, not silently in status.
+        body = Progress.model_validate({**self.latest, "updateTime": rfc3339()})
         try:
-            self.send({**self.latest, "updateTime": now_rfc3339()})
+            self.send(body.model_dump(mode="json", by_alias=True, exclude_none=True))
         except Exception as exc:  # reporting must never fail training
             if not self.failed_once:
                 log.warning("progress: could not patch the FineTuneJob status (%s); training continues", exc)
@@ -191,7 +198,7 @@ def write_termination_message(path: str, summary: dict[str, Any]) -> None:
     data = dict(summary)
     text = json.dumps(data, separators=(",", ":"), default=str)
     for key in ("lossHistory", "dataStats", "error"):
-        if len(text.encode()) < TERMINATION_MESSAGE_LIMIT:
+        if len(text.encode()) < wellknown.TERMINATION_MESSAGE_LIMIT:
             break
         if key in data:
             if key == "error":
@@ -199,7 +206,7 @@ def write_termination_message(path: str, summary: dict[str, Any]) -> None:
             else:
                 data.pop(key)
             text = json.dumps(data, separators=(",", ":"), default=str)
-    encoded = text.encode()[: TERMINATION_MESSAGE_LIMIT - 1]
+    encoded = text.encode()[: wellknown.TERMINATION_MESSAGE_LIMIT - 1]
     try:
         Path(path).write_bytes(encoded)
     except OSError as exc:

@@ -19,14 +19,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import TrainerConfig
+from kubetune_api import wellknown
+from kubetune_api.trainer import TrainerConfig
+
 from .hardware import PrecisionChoice
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST = wellknown.MANIFEST
 
 
 def sha256_file(path: Path) -> str:
@@ -44,7 +45,7 @@ def build_manifest(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     ]
-    return {"version": MANIFEST_VERSION, **extra, "files": files}
+    return {"version": wellknown.MANIFEST_VERSION, **extra, "files": files}
 
 
 def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
@@ -93,9 +94,9 @@ def write_local(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
-    (folder / "trainer_config.json").write_text(cfg.to_json() + "\n")
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    (folder / "README.md").write_text(model_card(cfg, metrics))
+    (folder / wellknown.RESOLVED_CONFIG).write_text(cfg.to_json() + "\n")
+    (folder / wellknown.METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    (folder / wellknown.MODEL_CARD).write_text(model_card(cfg, metrics))
 
 
 def merge_adapter(base_source: str, folder: Path, cfg: TrainerConfig, precision: PrecisionChoice) -> None:
@@ -111,7 +112,7 @@ def merge_adapter(base_source: str, folder: Path, cfg: TrainerConfig, precision:
         dtype=getattr(torch, precision.torch_dtype_name),
     )
     merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-    merged.save_pretrained(str(folder / "merged"), safe_serialization=True)
+    merged.save_pretrained(str(folder / wellknown.MERGED_DIR), safe_serialization=True)
     log.info("result: merged model saved (%s)", precision.torch_dtype_name)
 
 

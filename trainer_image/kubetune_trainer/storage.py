@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import StorageSpec, split_s3_uri
+from kubetune_api.spec import StorageSpec, split_s3_uri
+
 from .errors import ObjectAccessError
 
 if TYPE_CHECKING:

@@ -1,12 +1,14 @@
-"""The trainer's pipeline: fetch -> validate -> load -> LoRA -> train -> evaluate -> publish.
+"""The trainer's pipeline, as thin as trl's ``scripts/sft.py``: prepare -> build -> train -> publish.
 
-Heavy libraries (torch, transformers, peft, trl) are imported inside functions,
-like trl's ``scripts/sft.py``, so a bad dataset fails in about a second.
+Each stage is a named function over a :class:`RunContext`; heavy libraries (torch,
+transformers, peft, trl) are imported inside them, so a bad dataset fails in about a second.
+The TRL specifics are in :mod:`.sft`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -15,11 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, dataset, errors, hardware, modeling, reporting, results
-from .config import TrainerConfig
+from kubetune_api import wellknown
+from kubetune_api.trainer import TrainerConfig
+
+from . import checkpoints, dataset, errors, hardware, modeling, reporting, results, sft
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
+
+#: The summary fields that fit a termination message (the rest is in metrics.json).
+SUMMARY_KEYS = (
+    "datasetFormat",
+    "globalStep",
+    "epoch",
+    "trainLoss",
+    "evalLoss",
+    "tokensPerSecond",
+    "trainRuntimeSeconds",
+    "resumedFromStep",
+    "precision",
+    "dataStats",
+)
 
 
 @dataclass
@@ -30,10 +48,26 @@ class RunContext:
     flag: checkpoints.TerminationFlag
     #: ``cfg.fingerprint()``, computed once: every marker and the manifest record it.
     fingerprint: str
+    started: float
 
     @property
     def is_main(self) -> bool:
         return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class Built:
+    """What :func:`build` made: the TRL trainer and what publishing needs."""
+
+    trainer: Any
+    tokenizer: Any
+    source: str
+    plan: sft.Plan
+    data_format: str
+    stats: dataset.TokenStats
+    has_eval: bool
+    resume: Path | None
+    checkpoint_sync: Any
 
 
 @contextlib.contextmanager
@@ -48,51 +82,51 @@ def local_main_first() -> Iterator[None]:
         yield
 
 
+# -- prepare ---------------------------------------------------------------------------------------
+def prepare(cfg: TrainerConfig) -> RunContext:
+    """Signals, the launch's world size, the work dir and the object store."""
+    started = time.monotonic()
+    flag = checkpoints.TerminationFlag()
+    flag.install()
+    gpus_visible = 0
+    if cfg.gpus > 0:
+        import torch
+
+        gpus_visible = torch.cuda.device_count()
+    hardware.check_world_size(cfg.gpus, hardware.launched_world_size(), gpus_visible)
+    work_dir = Path(cfg.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    store = ObjectStore.from_spec(cfg.storage)
+    return RunContext(cfg, store, work_dir, flag, cfg.fingerprint(), started)
+
+
 def already_published(ctx: RunContext) -> dict[str, Any] | None:
     """The metrics of a finished run when ``manifest.json`` exists (a restarted pod after success)."""
-    manifest_uri = join_uri(ctx.cfg.output.uri, results.MANIFEST)
+    manifest_uri = join_uri(ctx.cfg.output.uri, wellknown.MANIFEST)
     if not ctx.store.exists(manifest_uri):
         return None
-    import json
-
     errors.check_same_run(manifest_uri, json.loads(ctx.store.get_bytes(manifest_uri)), ctx.fingerprint)
-    metrics: dict[str, Any] = json.loads(ctx.store.get_bytes(join_uri(ctx.cfg.output.uri, "metrics.json")))
+    metrics: dict[str, Any] = json.loads(ctx.store.get_bytes(join_uri(ctx.cfg.output.uri, wellknown.METRICS)))
     return metrics
 
 
 def prepare_data(ctx: RunContext) -> dataset.ValidatedData:
+    """Download and check every record, before any model is loaded."""
     with local_main_first():
         files = dataset.fetch(ctx.cfg.dataset, ctx.store, ctx.work_dir / "data")
     return dataset.validate(ctx.cfg.dataset, files)
 
 
-def chat_uses_assistant_mask(tokenizer: Any) -> bool:
-    """Whether TRL can mask non-assistant tokens with this tokenizer's chat template."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    if has_generation_markers(tokenizer.chat_template):
-        return True
-    try:
-        return get_training_chat_template(tokenizer) is not None
-    except Exception:  # an unknown template: TRL cannot patch it
-        return False
-
-
-def to_rows(
-    data: dataset.ValidatedData, assistant_mask: bool
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """TRL rows; chat falls back to last-turn prompt/completion without an assistant mask."""
-    from .formats import split_last_assistant_turn
-
-    if data.format != "chat" or assistant_mask:
-        return data.train, data.validation
-    log.warning(
-        "chat template cannot mark assistant tokens: training on the last assistant turn of each record"
-    )
-    return (
-        [split_last_assistant_turn(r["messages"]) for r in data.train],
-        [split_last_assistant_turn(r["messages"]) for r in data.validation],
-    )
+# -- build -----------------------------------------------------------------------------------------
+def plan_hardware(cfg: TrainerConfig) -> tuple[hardware.Hardware, hardware.PrecisionChoice, bool]:
+    """The device, the precision and whether to checkpoint activations."""
+    hw = hardware.probe()
+    precision = hardware.choose_precision(cfg.training.precision, hw)
+    log.info("precision: %s (%s)", precision.precision, precision.reason)
+    checkpointing = cfg.training.gradient_checkpointing
+    gc = checkpointing if checkpointing is not None else hw.cuda
+    log.info("gradient checkpointing: %s", "on" if gc else "off")
+    return hw, precision, gc
 
 
 def build_datasets(
@@ -109,178 +143,113 @@ def build_datasets(
     return train, None
 
 
-def sft_config(
-    cfg: TrainerConfig,
-    output_dir: Path,
-    *,
-    precision: hardware.PrecisionChoice,
-    hw: hardware.Hardware,
-    gc: bool,
-    chat_mask: bool,
-) -> Any:
-    from trl.trainer.sft_config import SFTConfig
+def restore_checkpoint(ctx: RunContext, ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint in object storage (else one left on local disk) to resume from."""
+    resume: Path | None = None
+    with local_main_first():
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            resume = checkpoints.restore_latest(ctx.store, ctx.cfg.output.uri, ckpt_root, ctx.fingerprint)
+    return resume if resume is not None else checkpoints.local_latest(ckpt_root)
 
-    t = cfg.training
-    return SFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=t.eval_strategy,
-        eval_steps=t.eval_steps,
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        max_length=t.max_seq_length,
-        packing=t.packing,
-        assistant_only_loss=chat_mask,
-        bf16=precision.precision == "bf16",
-        fp16=precision.precision == "fp16",
-        use_cpu=not hw.cuda,
-        activation_checkpointing=gc,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False if hardware.launched_world_size() > 1 else None,
+
+def callbacks(ctx: RunContext) -> tuple[Any, list[Any]]:
+    """The checkpoint sync (uploads each save, reacts to SIGTERM) and, on rank 0, progress reporting."""
+    cfg = ctx.cfg
+    sync = checkpoints.make_checkpoint_callback(
+        ctx.store, cfg.output.uri, cfg.training.save_total_limit, ctx.flag, ctx.fingerprint
     )
+    found: list[Any] = [sync]
+    ref = reporting.job_ref(cfg.reporting)
+    if ref is None:
+        log.info("progress: no FineTuneJob name known, status reporting off")
+    elif ctx.is_main:
+        reporter = reporting.ProgressReporter(
+            send=reporting.safe_patcher(ref), interval=cfg.reporting.interval_seconds
+        )
+        found.append(reporting.make_progress_callback(reporter, lambda: sync.last.uri if sync.last else None))
+    return sync, found
 
 
-def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e]
+def build(ctx: RunContext, data: dataset.ValidatedData) -> Built:
+    """Tokenizer, rows, model and the TRL trainer, resumed from the newest checkpoint."""
+    cfg = ctx.cfg
+    hw, precision, gc = plan_hardware(cfg)
+    with local_main_first():
+        source = modeling.resolve_source(cfg.model, ctx.store, ctx.work_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    plan = sft.Plan(precision, hw.cuda, gc, data.format == "chat" and sft.chat_uses_assistant_mask(tokenizer))
+    train_rows, eval_rows = sft.to_rows(data, plan.assistant_only_loss)
+    stats = dataset.token_stats(train_rows + eval_rows, tokenizer, cfg.training.max_seq_length)
+    log.info("tokens: %s", stats.describe())
+    datasets = build_datasets(cfg, train_rows, eval_rows)
+    model = modeling.load_model(source, cfg, precision, gc)
+    ckpt_root = ctx.work_dir / "checkpoints"
+    resume = restore_checkpoint(ctx, ckpt_root)
+    sync, found = callbacks(ctx)
+    args = sft.sft_config(cfg.training, plan, ckpt_root)
+    peft_config = modeling.lora_config(cfg)
+    trainer = sft.build_trainer(
+        model, tokenizer=tokenizer, args=args, datasets=datasets, peft_config=peft_config, callbacks=found
+    )
+    modeling.adapter_dtype_fix(trainer.model, precision)
+    has_eval = datasets[1] is not None
+    return Built(trainer, tokenizer, source, plan, data.format, stats, has_eval, resume, sync)
+
+
+# -- train -----------------------------------------------------------------------------------------
+def train(ctx: RunContext, built: Built) -> dict[str, Any]:
+    """Train (stopping with a checkpoint on SIGTERM), evaluate, and return the run's metrics."""
+    trainer, resume = built.trainer, built.resume
+    ctx.flag.training = True
+    train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    ctx.flag.training = False
+    if ctx.flag.requested:
+        raise checkpoints.Terminated(ctx.flag.signum or 15, trainer.state.global_step)
+    eval_loss = float(trainer.evaluate()["eval_loss"]) if built.has_eval else None
+    state, history = trainer.state, trainer.state.log_history
+    return {
+        "datasetFormat": built.data_format,
+        "precision": built.plan.precision.precision,
+        "precisionReason": built.plan.precision.reason,
+        "globalStep": state.global_step,
+        "epoch": round(float(state.epoch or 0.0), 4),
+        "trainLoss": train_out.training_loss,
+        "evalLoss": eval_loss,
+        "trainRuntimeSeconds": round(train_out.metrics.get("train_runtime", 0.0), 2),
+        "tokensPerSecond": _last_logged(history, "train_tokens_per_second"),
+        "inputTokensSeen": state.num_input_tokens_seen,
+        "resumedFromStep": checkpoints.step_of(resume) if resume else None,
+        "dataStats": built.stats.as_dict(),
+        "lossHistory": [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e],
+        "totalRuntimeSeconds": round(time.monotonic() - ctx.started, 2),
+    }
+
+
+# -- publish ---------------------------------------------------------------------------------------
+def publish(ctx: RunContext, built: Built, metrics: dict[str, Any]) -> None:
+    """Write the result locally, merge if asked, then upload it with the manifest last (rank 0)."""
+    if not ctx.is_main:
+        return
+    cfg, out_dir = ctx.cfg, ctx.work_dir / "result"
+    results.write_local(out_dir, cfg, built.trainer.model, built.tokenizer, metrics)
+    if cfg.output.merge_adapter:
+        results.merge_adapter(built.source, out_dir, cfg, built.plan.precision)
+    results.publish(ctx.store, out_dir, cfg.output.uri, ctx.fingerprint)
 
 
 def run(cfg: TrainerConfig) -> dict[str, Any]:
     """Train and publish; returns the summary (also written to the termination message)."""
-    started = time.monotonic()
-    flag = checkpoints.TerminationFlag()
-    flag.install()
-    gpus_visible = 0
-    if cfg.gpus > 0:
-        import torch
-
-        gpus_visible = torch.cuda.device_count()
-    hardware.check_world_size(cfg.gpus, hardware.launched_world_size(), gpus_visible)
-
-    work_dir = Path(cfg.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(
-        cfg=cfg,
-        store=ObjectStore.from_spec(cfg.storage),
-        work_dir=work_dir,
-        flag=flag,
-        fingerprint=cfg.fingerprint(),
-    )
+    ctx = prepare(cfg)
     done = already_published(ctx)
     if done is not None:
         log.info("result already published at %s; nothing to do", cfg.output.uri)
-        return {"phase": "Succeeded", "outputUri": cfg.output.uri, "alreadyComplete": True, **_short(done)}
+        return {"phase": "Succeeded", "outputUri": cfg.output.uri, "alreadyComplete": True, **_summary(done)}
     checkpoints.check_owner(ctx.store, cfg.output.uri, ctx.fingerprint)
-
     data = prepare_data(ctx)
-
-    # ---- heavy part: tokenizer, model, trainer ----
-    hw = hardware.probe()
-    precision = hardware.choose_precision(cfg.training.precision, hw)
-    log.info("precision: %s (%s)", precision.precision, precision.reason)
-    gc = cfg.training.gradient_checkpointing if cfg.training.gradient_checkpointing is not None else hw.cuda
-    log.info("gradient checkpointing: %s", "on" if gc else "off")
-
-    with local_main_first():
-        source = modeling.resolve_source(cfg.model, ctx.store, work_dir)
-    tokenizer = modeling.load_tokenizer(source, cfg.model)
-    chat_mask = data.format == "chat" and chat_uses_assistant_mask(tokenizer)
-    train_rows, eval_rows = to_rows(data, chat_mask)
-    stats = dataset.token_stats(train_rows + eval_rows, tokenizer, cfg.training.max_seq_length)
-    log.info(
-        "tokens: %d records, p50 %d, p95 %d, max %d; %d longer than maxSeqLength %d (truncated)",
-        stats.records,
-        stats.p50,
-        stats.p95,
-        stats.max,
-        stats.truncated,
-        stats.max_length,
-    )
-    train_ds, eval_ds = build_datasets(cfg, train_rows, eval_rows)
-
-    model = modeling.load_model(source, cfg, precision, gc)
-    ckpt_root = work_dir / "checkpoints"
-    resume: Path | None = None
-    with local_main_first():
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            resume = checkpoints.restore_latest(ctx.store, cfg.output.uri, ckpt_root, ctx.fingerprint)
-    if resume is None:
-        resume = _local_latest(ckpt_root)
-
-    from trl.trainer.sft_trainer import SFTTrainer
-
-    sync = checkpoints.make_checkpoint_callback(
-        ctx.store, cfg.output.uri, cfg.training.save_total_limit, flag, ctx.fingerprint
-    )
-    callbacks = [sync]
-    ref = reporting.job_ref(cfg.reporting)
-    if ref is not None and ctx.is_main:
-        reporter = reporting.ProgressReporter(
-            send=_safe_patcher(ref), interval=cfg.reporting.interval_seconds
-        )
-        callbacks.append(
-            reporting.make_progress_callback(reporter, lambda: sync.last.uri if sync.last else None)
-        )
-    elif ref is None:
-        log.info("progress: no FineTuneJob name known, status reporting off")
-
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(cfg, ckpt_root, precision=precision, hw=hw, gc=gc, chat_mask=chat_mask),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=modeling.lora_config(cfg),
-        callbacks=callbacks,
-    )
-    modeling.adapter_dtype_fix(trainer.model, precision)
-    flag.training = True
-    train_out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    flag.training = False
-    if flag.requested:
-        raise checkpoints.Terminated(flag.signum or 15, trainer.state.global_step)
-
-    eval_loss: float | None = None
-    if eval_ds is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-
-    metrics = {
-        "datasetFormat": data.format,
-        "precision": precision.precision,
-        "precisionReason": precision.reason,
-        "globalStep": trainer.state.global_step,
-        "epoch": round(float(trainer.state.epoch or 0.0), 4),
-        "trainLoss": train_out.training_loss,
-        "evalLoss": eval_loss,
-        "trainRuntimeSeconds": round(train_out.metrics.get("train_runtime", 0.0), 2),
-        "tokensPerSecond": _last_logged(trainer.state.log_history, "train_tokens_per_second"),
-        "inputTokensSeen": trainer.state.num_input_tokens_seen,
-        "resumedFromStep": int(resume.name.split("-")[-1]) if resume else None,
-        "dataStats": stats.as_dict(),
-        "lossHistory": loss_history(trainer.state.log_history),
-        "totalRuntimeSeconds": round(time.monotonic() - started, 2),
-    }
-    if ctx.is_main:
-        out_dir = work_dir / "result"
-        results.write_local(out_dir, cfg, trainer.model, tokenizer, metrics)
-        if cfg.output.merge_adapter:
-            results.merge_adapter(source, out_dir, cfg, precision)
-        results.publish(ctx.store, out_dir, cfg.output.uri, ctx.fingerprint)
-    return {"phase": "Succeeded", "outputUri": cfg.output.uri, **_short(metrics)}
+    built = build(ctx, data)
+    metrics = train(ctx, built)
+    publish(ctx, built, metrics)
+    return {"phase": "Succeeded", "outputUri": cfg.output.uri, **_summary(metrics)}
 
 
 def _last_logged(log_history: list[dict[str, Any]], key: str) -> Any:
@@ -288,37 +257,5 @@ def _last_logged(log_history: list[dict[str, Any]], key: str) -> Any:
     return next((e[key] for e in reversed(log_history) if key in e), None)
 
 
-def _short(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The summary subset that fits a termination message."""
-    keys = (
-        "datasetFormat",
-        "globalStep",
-        "epoch",
-        "trainLoss",
-        "evalLoss",
-        "tokensPerSecond",
-        "trainRuntimeSeconds",
-        "resumedFromStep",
-        "precision",
-        "dataStats",
-    )
-    return {k: metrics[k] for k in keys if k in metrics}
-
-
-def _local_latest(root: Path) -> Path | None:
-    """A checkpoint left on local disk (same pod, restarted container) when storage had none."""
-    found = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def _safe_patcher(ref: reporting.JobRef) -> Any:
-    """The status patcher, or a sender that always fails (logged once) if the client cannot be set up."""
-    try:
-        return reporting.status_patcher(ref)
-    except Exception as exc:
-        reason = str(exc)
-
-        def unavailable(_progress: dict[str, Any]) -> None:
-            raise RuntimeError(f"no Kubernetes client: {reason}")
-
-        return unavailable
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}

@@ -1,0 +1,29 @@
+"""The trainer's exit codes that mean "a retry cannot help".
+
+The operator's podFailurePolicy fails the Job at once on these, and its status names the reason
+(:data:`kubetune_api.reasons.EXIT_CODE_REASONS`).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of ``python -m kubetune_trainer`` besides 0 (success) and 1 (a crash)."""
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str) -> ExitCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    INVALID_DATA = 42, "bad records, or input objects that are missing or unreadable"
+    INVALID_CONFIG = 43, "the config is unreadable, or inconsistent with the hardware or the output prefix"
+    WORLD_SIZE_MISMATCH = 44, "the launcher started a different number of processes than GPUs were requested"
+
+
+#: Every code above: retrying the same pod with the same input fails the same way.
+NON_RETRYABLE: tuple[int, ...] = tuple(int(code) for code in ExitCode)

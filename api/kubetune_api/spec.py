@@ -1,0 +1,424 @@
+"""``FineTuneJob.spec``: the typed API, from which the CRD's schema and the API reference are generated.
+
+Each field is declared once: its type, default, bounds, enum and description (the attribute
+docstring) here; cross-field rules as :class:`~kubetune_api.base.Rule` (CEL and Python).
+The trainer's config (:mod:`kubetune_api.trainer`) reuses the sections it needs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import INT_OR_STRING_KEY, PRESERVE_UNKNOWN_KEY, ApiModel, Rule, immutable, immutable_optional
+
+#: ``s3://bucket/prefix``: bucket per the S3 naming rules, prefix optional.
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+#: A hub model id: ``name`` or ``org/name``.
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)?$"
+#: A DNS-1123 subdomain (Secret, PriorityClass names).
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+#: A Kubernetes resource quantity (``8``, ``7500m``, ``64Gi``), as apimachinery parses it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+#: An extended resource name such as ``nvidia.com/gpu``.
+RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+
+DatasetFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]
+Method = Literal["qlora", "lora"]
+QuantType = Literal["nf4", "fp4"]
+ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+IntervalStrategy = Literal["no", "steps", "epoch"]
+SchedulerType = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+AddressingStyle = Literal["auto", "path", "virtual"]
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+
+S3Uri = Annotated[str, Field(max_length=1024, pattern=S3_URI_PATTERN)]
+SecretName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+SecretKey = Annotated[str, Field(min_length=1, max_length=253)]
+ColumnName = Annotated[str, Field(min_length=1, max_length=128)]
+#: An int-or-string Kubernetes quantity.
+Quantity = Annotated[
+    int | Annotated[str, Field(pattern=QUANTITY_PATTERN)],
+    Field(json_schema_extra={INT_OR_STRING_KEY: True, "pattern": QUANTITY_PATTERN}),
+]
+
+
+def cel_string(text: str) -> str:
+    """``text`` as a single-quoted CEL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; raises ValueError if malformed."""
+    if not re.fullmatch(S3_URI_PATTERN, uri):
+        raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _valid_source(source: str) -> bool:
+    return bool(re.fullmatch(S3_URI_PATTERN if source.startswith("s3://") else HUB_ID_PATTERN, source))
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the FineTuneJob's namespace."""
+
+    name: SecretName
+    """Name of the Secret, in the FineTuneJob's namespace."""
+    key: SecretKey = "token"
+    """Key in the Secret that holds the token."""
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    cel_rules = (
+        Rule(
+            cel=(
+                f"self.source.startsWith('s3://') ? self.source.matches({cel_string(S3_URI_PATTERN)}) "
+                f": self.source.matches({cel_string(HUB_ID_PATTERN)})"
+            ),
+            message="model.source must be a hub id (org/name) or an s3://bucket/prefix URI",
+            field_path=".source",
+            check=lambda m: _valid_source(m.source),
+        ),
+    )
+
+    source: str = Field(min_length=1, max_length=1024)
+    """A Hugging Face Hub model id (org/name) or the s3://bucket/prefix of a model saved with
+    save_pretrained."""
+    revision: str | None = Field(default=None, min_length=1, max_length=255)
+    """Hub revision to load (branch, tag or commit sha). Ignored for s3:// sources."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret holding a Hugging Face Hub token, for gated or private models. Passed to the trainer
+    as the HF_TOKEN environment variable by reference; never copied."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code from the hub to run (transformers trust_remote_code)."""
+
+    @property
+    def is_s3(self) -> bool:
+        return self.source.startswith("s3://")
+
+
+class FieldMapping(ApiModel):
+    """Column names in the dataset for each role the format uses, when they differ from the defaults."""
+
+    instruction: ColumnName = "instruction"
+    """Column holding the instruction (alpaca)."""
+    input: ColumnName = "input"
+    """Column holding the optional input (alpaca)."""
+    output: ColumnName = "output"
+    """Column holding the expected answer (alpaca)."""
+    messages: ColumnName = "messages"
+    """Column holding the list of chat messages (chat)."""
+    prompt: ColumnName = "prompt"
+    """Column holding the prompt (prompt_completion)."""
+    completion: ColumnName = "completion"
+    """Column holding the completion (prompt_completion)."""
+    text: ColumnName = "text"
+    """Column holding the raw text (text)."""
+
+
+class DatasetSpec(ApiModel):
+    """The training data, as JSON Lines (or JSON/Parquet) objects in object storage."""
+
+    cel_rules = (
+        Rule(
+            cel="!(has(self.validation) && self.validationSplit > 0.0)",
+            message="dataset.validation and dataset.validationSplit are exclusive: set one of them",
+            field_path=".validationSplit",
+            check=lambda d: not (d.validation is not None and d.validation_split > 0),
+        ),
+    )
+
+    train: S3Uri
+    """s3://bucket/key of the training file."""
+    validation: S3Uri | None = None
+    """s3://bucket/key of a validation file. Exclusive with validationSplit."""
+    validation_split: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """Fraction of the training file held out for evaluation (0 to below 0.5). Exclusive with
+    validation."""
+    format: DatasetFormat = "auto"
+    """Record format. alpaca: instruction/input/output; chat: a list of {role, content} messages;
+    prompt_completion: prompt/completion; text: raw text; auto: detected from the first records."""
+    field_mapping: FieldMapping = FieldMapping()
+    """Column names in the dataset for each role the format uses, when they differ from the defaults."""
+    max_reported_errors: int = Field(default=20, ge=1, le=1000)
+    """How many invalid records the trainer lists before failing with InvalidDataset."""
+
+
+class QuantizationSpec(ApiModel):
+    """How the base model is quantized while training (bitsandbytes)."""
+
+    bits: Literal[4, 8, 16] = 4
+    """Weight precision of the frozen base model; 16 means no quantization. qlora needs 4."""
+    quant_type: QuantType = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Also quantize the quantization constants (saves about 0.4 bits per parameter)."""
+    compute_dtype: ComputeDtype = "auto"
+    """Dtype of the matrix multiplications; auto picks bfloat16 where the GPU supports it."""
+
+
+class LoraSpec(ApiModel):
+    """The LoRA adapter (peft)."""
+
+    r: int = Field(default=16, ge=1, le=1024)
+    """Rank of the update matrices."""
+    alpha: int = Field(default=32, ge=1, le=4096)
+    """Scaling factor (lora_alpha)."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout probability of the LoRA layers."""
+    target_modules: tuple[Annotated[str, Field(min_length=1, max_length=128)], ...] = Field(
+        default=("all-linear",), min_length=1, max_length=64
+    )
+    """Module names to adapt (e.g. q_proj, v_proj), or [all-linear] for every linear layer except
+    the output head."""
+
+
+class TrainingSpec(ApiModel):
+    """Training hyperparameters (transformers TrainingArguments / TRL SFTConfig)."""
+
+    cel_rules = (
+        Rule(
+            cel="self.evalStrategy != 'steps' || has(self.evalSteps)",
+            message="training.evalSteps is required when training.evalStrategy is steps",
+            field_path=".evalSteps",
+            check=lambda t: t.eval_strategy != "steps" or t.eval_steps is not None,
+        ),
+        Rule(
+            cel="!(self.warmupRatio > 0.0 && self.warmupSteps > 0)",
+            message="training.warmupRatio and training.warmupSteps are exclusive: set one of them",
+            field_path=".warmupSteps",
+            check=lambda t: not (t.warmup_ratio > 0 and t.warmup_steps > 0),
+        ),
+    )
+
+    per_device_train_batch_size: int = Field(default=4, ge=1, le=1024)
+    """Training batch size per GPU (or for the CPU)."""
+    per_device_eval_batch_size: int = Field(default=4, ge=1, le=1024)
+    """Evaluation batch size per GPU (or for the CPU)."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    """Batches accumulated before each optimizer step."""
+    num_train_epochs: float = Field(default=1.0, gt=0, le=1000)
+    """Passes over the training data; ignored when maxSteps is positive."""
+    max_steps: int = Field(default=-1, ge=-1)
+    """Total optimizer steps; -1 trains for numTrainEpochs instead."""
+    learning_rate: float = Field(default=2e-4, gt=0, le=1)
+    """Peak learning rate."""
+    precision: Precision = "auto"
+    """Mixed precision mode; auto picks bf16 where supported, fp32 on CPU."""
+    logging_steps: int = Field(default=10, ge=1)
+    """Log (and report progress) every this many steps."""
+    eval_strategy: IntervalStrategy = "no"
+    """When to evaluate on the validation data; needs dataset.validation or validationSplit."""
+    eval_steps: int | None = Field(default=None, ge=1)
+    """Evaluate every this many steps (required when evalStrategy is steps)."""
+    save_strategy: IntervalStrategy = "steps"
+    """When to write a checkpoint to object storage."""
+    save_steps: int = Field(default=100, ge=1)
+    """Checkpoint every this many steps (saveStrategy steps)."""
+    save_total_limit: int | None = Field(default=2, ge=1)
+    """Number of most recent checkpoints to keep."""
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the steps used for learning-rate warmup. Exclusive with warmupSteps."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Number of learning-rate warmup steps. Exclusive with warmupRatio."""
+    max_seq_length: int = Field(default=1024, ge=16, le=131072)
+    """Longest tokenized sequence; longer ones are truncated."""
+    packing: bool = False
+    """Pack several short examples into one sequence."""
+    lr_scheduler_type: SchedulerType = "linear"
+    """Learning-rate schedule."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW weight decay."""
+    seed: int = Field(default=42, ge=0)
+    """Random seed for data shuffling and initialization."""
+    gradient_checkpointing: bool | None = None
+    """Trade compute for memory; unset means on for GPUs and off on CPU."""
+
+
+class OutputSpec(ApiModel):
+    """Where the result goes."""
+
+    uri: S3Uri
+    """s3://bucket/prefix under which the trainer writes checkpoints, the adapter, metrics, a model
+    card and, last, a manifest."""
+    merge_adapter: bool = False
+    """Also write the base model with the adapter merged in."""
+
+
+class CredentialsSecretRef(ApiModel):
+    """Secret with the access keys, passed to the trainer as AWS_* environment variables by reference
+    (the values are never copied). Unset to use the pod's cloud identity."""
+
+    name: SecretName
+    """Name of the Secret, in the FineTuneJob's namespace."""
+    access_key_id_key: SecretKey = "AWS_ACCESS_KEY_ID"
+    """Key in the Secret holding the access key id."""
+    secret_access_key_key: SecretKey = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 - a key's name, not a secret
+    """Key in the Secret holding the secret access key."""
+    session_token_key: SecretKey | None = None
+    """Key in the Secret holding a session token, for temporary credentials."""
+
+
+class StorageSpec(ApiModel):
+    """The S3-compatible object storage holding the dataset, (optionally) the model and the output.
+    Credentials come from a Secret reference or the pod's cloud identity; never inline."""
+
+    endpoint: str | None = Field(default=None, max_length=1024, pattern=r"^https?://[^\s/]+(/.*)?$")
+    """Endpoint URL of an S3-compatible server (e.g. https://minio.example:9000); unset for AWS S3."""
+    region: str = Field(default="us-east-1", min_length=1, max_length=64)
+    """Region of the bucket."""
+    addressing_style: AddressingStyle = "auto"
+    """Bucket addressing; most self-hosted servers need path."""
+    max_attempts: int = Field(default=8, ge=1, le=50)
+    """Attempts per object-storage request, with exponential backoff."""
+    credentials_secret_ref: CredentialsSecretRef | None = None
+    """Secret with the access keys, passed to the trainer as AWS_* environment variables by
+    reference (the values are never copied). Unset to use the pod's cloud identity."""
+
+
+class ResourcesSpec(ApiModel):
+    """Compute for the trainer pod."""
+
+    gpus: int = Field(default=1, ge=0, le=64)
+    """GPUs for the trainer (one pod). More than one runs accelerate with one process per GPU; 0
+    trains on CPU."""
+    gpu_resource_name: str = Field(default="nvidia.com/gpu", max_length=253, pattern=RESOURCE_NAME_PATTERN)
+    """Extended resource name of the GPUs (e.g. nvidia.com/gpu, amd.com/gpu)."""
+    cpu: Quantity | None = None
+    """CPU request and limit (a Kubernetes quantity, e.g. 8 or 7500m)."""
+    memory: Quantity | None = None
+    """Memory request and limit (a Kubernetes quantity, e.g. 64Gi)."""
+    shared_memory: Quantity | None = None
+    """Size limit of the in-memory /dev/shm volume (data loaders, NCCL); unset means no limit."""
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration."""
+
+    key: str | None = Field(default=None, max_length=253)
+    """Taint key; empty with operator Exists matches every taint."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal (the default)."""
+    value: str | None = Field(default=None, max_length=63)
+    """Taint value, for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all effects."""
+    toleration_seconds: int | None = Field(default=None, ge=0)
+    """For NoExecute, how long the pod stays bound after the taint appears."""
+
+
+class SchedulingSpec(ApiModel):
+    """Where and when the trainer pod may run."""
+
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=64)
+    """Node labels the trainer pod requires (e.g. a GPU product label)."""
+    tolerations: tuple[Toleration, ...] | None = Field(default=None, max_length=32)
+    """Taints the trainer pod tolerates (e.g. nvidia.com/gpu=present:NoSchedule)."""
+    affinity: dict[str, Any] | None = Field(default=None, json_schema_extra={PRESERVE_UNKNOWN_KEY: True})
+    """A core/v1 Affinity for the trainer pod (node, pod and anti-affinity rules), passed through."""
+    priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """PriorityClass of the trainer pod."""
+    queue_name: str | None = Field(default=None, max_length=63, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Kueue LocalQueue to submit to. The Job is then created suspended with the
+    kueue.x-k8s.io/queue-name label and Kueue starts it when admitted (phase Queued until then)."""
+
+
+class LocalObjectReference(ApiModel):
+    """A Secret in the FineTuneJob's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Name of a docker-registry Secret in the FineTuneJob's namespace."""
+
+
+class LifecycleSpec(ApiModel):
+    """Limits of the run. Editable at any time; applied to the Job."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Retries of a failed trainer pod before the job fails. Node disruptions do not count, invalid
+    data fails at once."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Wall-clock limit of the whole run, in seconds; then it fails with DeadlineExceeded."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the finished Job (and its pods) this many seconds after it ends. The FineTuneJob and
+    its status stay."""
+
+
+def _has_eval_data(dataset: DatasetSpec) -> bool:
+    return dataset.validation is not None or dataset.validation_split > 0
+
+
+#: Cross-section rules, shared by the spec and the trainer config (both have these sections).
+QLORA_NEEDS_4BIT = Rule(
+    cel="self.method != 'qlora' || self.quantization.bits == 4",
+    message="quantization.bits must be 4 when method is qlora (use method lora for 8 or 16 bits)",
+    field_path=".quantization.bits",
+    check=lambda s: s.method != "qlora" or s.quantization.bits == 4,
+)
+EVAL_NEEDS_DATA = Rule(
+    cel=(
+        "self.training.evalStrategy == 'no' || has(self.dataset.validation) || "
+        "self.dataset.validationSplit > 0.0"
+    ),
+    message="training.evalStrategy needs dataset.validation or dataset.validationSplit",
+    field_path=".training.evalStrategy",
+    check=lambda s: s.training.eval_strategy == "no" or _has_eval_data(s.dataset),
+)
+
+
+class FineTuneJobSpec(ApiModel):
+    """The desired fine-tuning run. The training definition (everything except suspend and
+    lifecycle) is immutable once created: to change it, create a new FineTuneJob."""
+
+    cel_rules = (
+        QLORA_NEEDS_4BIT,
+        EVAL_NEEDS_DATA,
+        immutable_optional("image"),
+        immutable_optional("imagePullPolicy"),
+        immutable_optional("imagePullSecrets"),
+    )
+
+    model: ModelSpec = Field(json_schema_extra=immutable("model"))
+    """The base model to fine-tune."""
+    dataset: DatasetSpec = Field(json_schema_extra=immutable("dataset"))
+    """The training data, as JSON Lines (or JSON/Parquet) objects in object storage."""
+    method: Method = Field(default="qlora", json_schema_extra=immutable("method"))
+    """Fine-tuning method: qlora (4-bit quantized base model + LoRA) or lora."""
+    quantization: QuantizationSpec = Field(
+        default=QuantizationSpec(), json_schema_extra=immutable("quantization")
+    )
+    """How the base model is quantized while training (bitsandbytes)."""
+    lora: LoraSpec = Field(default=LoraSpec(), json_schema_extra=immutable("lora"))
+    """The LoRA adapter (peft)."""
+    training: TrainingSpec = Field(default=TrainingSpec(), json_schema_extra=immutable("training"))
+    """Training hyperparameters (transformers TrainingArguments / TRL SFTConfig)."""
+    output: OutputSpec = Field(json_schema_extra=immutable("output"))
+    """Where the result goes."""
+    storage: StorageSpec = Field(default=StorageSpec(), json_schema_extra=immutable("storage"))
+    """The S3-compatible object storage holding the dataset, (optionally) the model and the output.
+    Credentials come from a Secret reference or the pod's cloud identity; never inline."""
+    resources: ResourcesSpec = Field(default=ResourcesSpec(), json_schema_extra=immutable("resources"))
+    """Compute for the trainer pod."""
+    scheduling: SchedulingSpec = Field(default=SchedulingSpec(), json_schema_extra=immutable("scheduling"))
+    """Where and when the trainer pod may run."""
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    """Trainer image; defaults to the operator's configured trainer image."""
+    image_pull_policy: PullPolicy | None = None
+    """Pull policy of the trainer image; unset uses the Kubernetes default."""
+    image_pull_secrets: tuple[LocalObjectReference, ...] | None = Field(default=None, max_length=8)
+    """Secrets for pulling the trainer image from a private registry."""
+    suspend: bool = False
+    """true stops the trainer pod (checkpoints in object storage are kept; phase Suspended); false
+    runs or resumes it. Editable at any time."""
+    lifecycle: LifecycleSpec = LifecycleSpec()
+    """Limits of the run. Editable at any time; applied to the Job."""

@@ -1,0 +1,114 @@
+"""The trainer's config: the spec sections the trainer needs, plus what the operator fills in.
+
+The operator renders it from a FineTuneJob (:meth:`TrainerConfig.from_spec`) as JSON into the
+per-job ConfigMap; the trainer parses the same model. The sections are the spec's own models,
+so a spec field reaches the trainer without being declared twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from . import wellknown
+from .base import ApiModel
+from .spec import (
+    EVAL_NEEDS_DATA,
+    QLORA_NEEDS_4BIT,
+    DatasetSpec,
+    FineTuneJobSpec,
+    LoraSpec,
+    Method,
+    ModelSpec,
+    OutputSpec,
+    QuantizationSpec,
+    StorageSpec,
+    TrainingSpec,
+)
+
+
+class ReportingSpec(ApiModel):
+    """Where the trainer reports progress: its own FineTuneJob's status."""
+
+    namespace: str | None = None
+    """Namespace of the FineTuneJob (else $KUBETUNE_JOB_NAMESPACE, else the pod's namespace)."""
+    name: str | None = None
+    """Name of the FineTuneJob (else $KUBETUNE_JOB_NAME); unknown turns reporting off."""
+    interval_seconds: float = Field(default=5.0, ge=0.5)
+    """Least time between two progress patches."""
+    termination_message_path: str = wellknown.TERMINATION_MESSAGE_PATH
+    """Where the final summary goes (the container's terminationMessagePath)."""
+
+
+#: What determines a run's result; connection and reporting settings are left out, so a
+#: restarted pod with new credentials (or Secret names) still resumes.
+_FINGERPRINT_FIELDS: dict[str, Any] = {
+    "model": {"source": True, "revision": True, "trust_remote_code": True},
+    "dataset": True,
+    "method": True,
+    "quantization": True,
+    "lora": True,
+    "training": True,
+    "output": True,
+    "gpus": True,
+}
+
+
+class TrainerConfig(ApiModel):
+    """Everything the trainer needs, rendered by the operator from a FineTuneJob."""
+
+    cel_rules = (QLORA_NEEDS_4BIT, EVAL_NEEDS_DATA)
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    method: Method = "qlora"
+    quantization: QuantizationSpec = QuantizationSpec()
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    storage: StorageSpec = StorageSpec()
+    output: OutputSpec
+    reporting: ReportingSpec = ReportingSpec()
+    gpus: int = Field(default=0, ge=0, le=64)
+    """GPUs requested; the trainer fails if the launched world size differs. 0 = CPU."""
+    work_dir: str = Field(default=wellknown.WORK_DIR, min_length=1)
+    """Local scratch folder (an emptyDir in the pod): downloads, checkpoints before upload."""
+
+    @classmethod
+    def from_spec(cls, spec: FineTuneJobSpec, reporting: ReportingSpec) -> TrainerConfig:
+        """The config for a FineTuneJob's spec: its training sections, as they are.
+
+        Secret references are dropped: the pod gets the values as environment variables
+        ($HF_TOKEN, $AWS_*), so the config (a ConfigMap anyone with read access sees) names no Secret.
+        """
+        return cls(
+            model=spec.model.model_copy(update={"token_secret_ref": None}),
+            dataset=spec.dataset,
+            method=spec.method,
+            quantization=spec.quantization,
+            lora=spec.lora,
+            training=spec.training,
+            storage=spec.storage.model_copy(update={"credentials_secret_ref": None}),
+            output=spec.output,
+            reporting=reporting,
+            gpus=spec.resources.gpus,
+        )
+
+    def fingerprint(self) -> str:
+        """sha256 of what determines the result (model, data, method, hyperparameters, output).
+
+        Recorded in every checkpoint marker and in ``manifest.json``: a run resumes or reuses
+        only what a run with the same fingerprint wrote.
+        """
+        identity = self.model_dump(mode="json", by_alias=True, include=_FINGERPRINT_FIELDS)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2, exclude_none=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainerConfig:
+        return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,42 @@
+"""Paths, environment variables and object-store names that the operator's pod spec and the
+trainer agree on (and that readers of a result, such as the SDK, rely on)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- the trainer pod ---------------------------------------------------------------------------
+#: Where the rendered trainer config is mounted, and its key in the per-job ConfigMap.
+CONFIG_DIR: Final = "/etc/kubetune"
+CONFIG_KEY: Final = "config.json"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_KEY}"
+#: Where the trainer writes its final summary; Kubernetes keeps at most 4096 bytes of it.
+TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT: Final = 4096
+#: Writable scratch (an emptyDir): the root filesystem is read-only. The work dir lives under it.
+SCRATCH_DIR: Final = "/tmp"
+WORK_DIR: Final = f"{SCRATCH_DIR}/kubetune"
+#: UID/GID of the trainer image's non-root user (USER 65532:65532 in trainer_image/Dockerfile).
+TRAINER_UID: Final = 65532
+
+#: The FineTuneJob the trainer reports to (set by the operator on the trainer container).
+ENV_JOB_NAME: Final = "KUBETUNE_JOB_NAME"
+ENV_JOB_NAMESPACE: Final = "KUBETUNE_JOB_NAMESPACE"
+#: The hub token, filled from ``spec.model.tokenSecretRef`` (huggingface_hub reads it too).
+ENV_HUB_TOKEN: Final = "HF_TOKEN"  # noqa: S105 - variable names, not secrets
+#: Object-storage credentials, filled from ``spec.storage.credentialsSecretRef`` (boto3 reads them).
+ENV_ACCESS_KEY_ID: Final = "AWS_ACCESS_KEY_ID"
+ENV_SECRET_ACCESS_KEY: Final = "AWS_SECRET_ACCESS_KEY"  # noqa: S105
+ENV_SESSION_TOKEN: Final = "AWS_SESSION_TOKEN"  # noqa: S105
+
+# -- the output prefix (spec.output.uri) -------------------------------------------------------
+#: ``checkpoints/step-N/`` folders; one counts only once its marker exists.
+CHECKPOINTS_DIR: Final = "checkpoints"
+CHECKPOINT_MARKER: Final = "_COMPLETE"
+#: Written last: every other file with its size and sha256. A result exists once this does.
+MANIFEST: Final = "manifest.json"
+MANIFEST_VERSION: Final = 1
+METRICS: Final = "metrics.json"
+RESOLVED_CONFIG: Final = "trainer_config.json"
+MODEL_CARD: Final = "README.md"
+MERGED_DIR: Final = "merged"

@@ -1,0 +1,63 @@
+"""The TRL glue: ``training`` reaches SFTConfig through the declared map, and nothing falls through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune_api.spec import TrainingSpec
+from kubetune_trainer import sft
+from kubetune_trainer.hardware import PrecisionChoice
+
+CPU_PLAN = sft.Plan(
+    PrecisionChoice("fp32", "test"), cuda=False, gradient_checkpointing=False, assistant_only_loss=False
+)
+
+
+def test_every_training_field_is_passed_or_translated() -> None:
+    fields = set(TrainingSpec.model_fields)
+    passed = set(sft.same_named(TrainingSpec()))
+    translated = set(sft.TRANSLATED)
+    assert not passed & translated
+    assert fields == passed | translated, (
+        f"reach neither SFTConfig nor a translation: {fields - passed - translated}"
+    )
+
+
+def test_a_new_same_named_field_needs_no_glue() -> None:
+    """What adding e.g. training.maxGradNorm to the model does: SFTConfig gets it as it is."""
+
+    class WithGradNorm(TrainingSpec):
+        max_grad_norm: float = 0.3
+
+    assert sft.same_named(WithGradNorm())["max_grad_norm"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("training", "warmup"),
+    [({"warmupSteps": 7}, 7), ({"warmupRatio": 0.25}, 0.25), ({}, 0)],
+)
+def test_sft_config_carries_the_spec_and_the_plan(
+    tmp_path: Path, training: dict[str, float], warmup: float
+) -> None:
+    spec = TrainingSpec.model_validate(
+        {"maxSeqLength": 256, "learningRate": 0.001, "maxSteps": 9, **training}
+    )
+    args = sft.sft_config(spec, CPU_PLAN, tmp_path)
+    assert (args.max_length, args.learning_rate, args.max_steps) == (256, 0.001, 9)
+    assert args.warmup_steps == warmup
+    assert (args.bf16, args.fp16, args.use_cpu) == (False, False, True)
+    assert args.activation_checkpointing is False
+    assert args.report_to == []  # "none": progress goes to status, not to a tracker
+    assert args.output_dir == str(tmp_path)
+
+
+def test_gpu_plan_turns_on_bf16_and_checkpointing(tmp_path: Path) -> None:
+    plan = sft.Plan(
+        PrecisionChoice("bf16", "test"), cuda=True, gradient_checkpointing=True, assistant_only_loss=True
+    )
+    kwargs = sft.translated(TrainingSpec(), plan) | sft.fixed_arguments(plan, tmp_path)
+    assert (kwargs["bf16"], kwargs["fp16"], kwargs["use_cpu"]) == (True, False, False)
+    assert kwargs["activation_checkpointing"] is True
+    assert kwargs["assistant_only_loss"] is True

@@ -1,0 +1,143 @@
+"""The TRL glue: ``training`` -> ``SFTConfig``, rows TRL can mask, and the ``SFTTrainer`` itself.
+
+The SFTConfig is built from a declared map: every ``training`` field whose name SFTConfig also
+has is passed as it is (a new same-named spec field needs nothing here), the few that TRL names
+differently or that depend on the hardware are in :data:`TRANSLATED`, and kubetune's own fixed
+choices are in :func:`fixed_arguments`. tests/trainer/test_sft.py fails when a ``training``
+field is in neither place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Final
+
+from kubetune_api.spec import TrainingSpec
+
+from . import hardware
+from .dataset import ValidatedData
+from .formats import split_last_assistant_turn
+
+log = logging.getLogger(__name__)
+
+#: ``training`` fields that reach SFTConfig under another name, or through a decision.
+TRANSLATED: Final = {
+    "max_seq_length": "max_length",
+    "warmup_ratio": "warmup_steps",  # transformers 5: a warmup_steps below 1 is a ratio
+    "warmup_steps": "warmup_steps",
+    "precision": "bf16 / fp16, resolved for the hardware (hardware.choose_precision)",
+    "gradient_checkpointing": "activation_checkpointing, resolved for the hardware (on for GPUs)",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the trainer decided for this hardware and data, before building the SFTConfig."""
+
+    precision: hardware.PrecisionChoice
+    cuda: bool
+    gradient_checkpointing: bool
+    assistant_only_loss: bool
+
+
+@cache
+def sft_fields() -> frozenset[str]:
+    from trl.trainer.sft_config import SFTConfig
+
+    return frozenset(field.name for field in dataclasses.fields(SFTConfig))
+
+
+def same_named(training: TrainingSpec) -> dict[str, Any]:
+    """The ``training`` fields SFTConfig takes under their own (snake_case) names."""
+    names = sft_fields()
+    return {
+        name: getattr(training, name)
+        for name in type(training).model_fields
+        if name in names - TRANSLATED.keys()
+    }
+
+
+def translated(training: TrainingSpec, plan: Plan) -> dict[str, Any]:
+    """The arguments of :data:`TRANSLATED`."""
+    return {
+        "max_length": training.max_seq_length,
+        "warmup_steps": training.warmup_steps if training.warmup_steps > 0 else training.warmup_ratio,
+        "bf16": plan.precision.precision == "bf16",
+        "fp16": plan.precision.precision == "fp16",
+        "activation_checkpointing": plan.gradient_checkpointing,
+    }
+
+
+def fixed_arguments(plan: Plan, output_dir: Path) -> dict[str, Any]:
+    """kubetune's own choices: status reporting replaces TRL's loggers, progress bars and trackers."""
+    return {
+        "output_dir": str(output_dir),
+        "logging_first_step": True,
+        "assistant_only_loss": plan.assistant_only_loss,
+        "use_cpu": not plan.cuda,
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False if hardware.launched_world_size() > 1 else None,
+    }
+
+
+def sft_config(training: TrainingSpec, plan: Plan, output_dir: Path) -> Any:
+    from trl.trainer.sft_config import SFTConfig
+
+    return SFTConfig(
+        **same_named(training), **translated(training, plan), **fixed_arguments(plan, output_dir)
+    )
+
+
+def chat_uses_assistant_mask(tokenizer: Any) -> bool:
+    """Whether TRL can mask non-assistant tokens with this tokenizer's chat template."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return True
+    try:
+        return get_training_chat_template(tokenizer) is not None
+    except Exception:  # an unknown template: TRL cannot patch it
+        return False
+
+
+def to_rows(data: ValidatedData, assistant_mask: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """TRL rows; chat falls back to last-turn prompt/completion without an assistant mask."""
+    if data.format != "chat" or assistant_mask:
+        return data.train, data.validation
+    log.warning(
+        "chat template cannot mark assistant tokens: training on the last assistant turn of each record"
+    )
+    return (
+        [split_last_assistant_turn(r["messages"]) for r in data.train],
+        [split_last_assistant_turn(r["messages"]) for r in data.validation],
+    )
+
+
+def build_trainer(
+    model: Any,
+    *,
+    tokenizer: Any,
+    args: Any,
+    datasets: tuple[Any, Any | None],
+    peft_config: Any,
+    callbacks: list[Any],
+) -> Any:
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    train_ds, eval_ds = datasets
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
