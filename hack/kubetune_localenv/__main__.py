@@ -41,7 +41,7 @@ def cmd_serve(state: Path, with_agent: bool) -> int:
     """Run every component in the foreground until SIGTERM/SIGINT."""
     env = LocalEnv(state.resolve())
     if with_agent:
-        from .nodeagent import start_agent  # the node agent runs the pods
+        from .agents import start_agent  # the node agent runs the pods
 
         env.extra_start.append(start_agent)
     stop = threading.Event()

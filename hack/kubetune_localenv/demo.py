@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import stack
+from .agents import pod_log_path, start_agent
 from .cluster import LaunchError, LocalEnv
-from .nodeagent import pod_log_path, start_agent
 from .tools import ToolBuildError
 
 NAMESPACE = "kubetune-demo"

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune_api import coordinates, crd
+
 from . import tinymodel, tools
 from .cluster import LocalEnv, ManagedProcess, pick_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
+CRD_FILE = REPO_ROOT / crd.CRD_FILE
 CHART_DIR = REPO_ROOT / "charts" / "kubetune"
 TINY_JOB_TEMPLATE = REPO_ROOT / "examples" / "local" / "finetunejob-tiny.yaml"
 CREDENTIALS_SECRET = "s3-credentials"
@@ -107,7 +109,7 @@ def install_with_helm(env: LocalEnv, namespace: str = "kubetune-system") -> str:
 
 def install_crd(env: LocalEnv) -> None:
     env.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-    env.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
+    env.kubectl("wait", "--for=condition=Established", f"crd/{coordinates.CRD_NAME}", "--timeout=60s")
 
 
 def s3_client(env: LocalEnv) -> Any:

@@ -22,7 +22,7 @@ from kubetune_api import coordinates
 from kubetune_api.reasons import is_warning
 
 from . import names
-from .kube import Kube, new_api_client
+from .kube import Kube
 from .metrics import Metrics
 from .reconcile import Outcome, Reconciler
 from .settings import OperatorConfig, configure, from_env
@@ -51,7 +51,7 @@ def operator_startup(
     config: OperatorConfig = memo.get("config") or from_env()
     memo.config = config
     configure(settings, config)
-    memo.reconciler = Reconciler(Kube(new_api_client()), config.trainer_image)
+    memo.reconciler = Reconciler(Kube.connect(), config.trainer_image)
     memo.metrics = Metrics()
     memo.metrics_server = None
     if config.metrics_port:
@@ -72,7 +72,7 @@ def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
         server.server_close()
     reconciler = memo.get("reconciler")
     if reconciler is not None:
-        reconciler.kube.api_client.close()
+        reconciler.kube.close()
 
 
 def _reconcile(

@@ -1,24 +1,31 @@
-"""The edge: a small dict-in, dict-out Kubernetes REST client on top of ``kubernetes.client.ApiClient``.
+"""The edge: one small JSON client for the Kubernetes API, for the operator and for hack/'s node agent.
 
-The builders produce plain dicts; this client sends them as they are (no typed models in
-between that could drop fields) and returns the API server's JSON as dicts.
+Plain dicts in and out, exactly as ``kubectl get -o json`` shows objects: the builders produce
+dicts, and no typed model in between can drop a field. ``kubernetes.config`` reads the
+credentials (every kubeconfig form, in-cluster ServiceAccount tokens and their rotation);
+requests go through one thread-safe urllib3 pool with a timeout each.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
+import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from kubetune_api import coordinates
 
 Obj = dict[str, Any]
+JSON_CONTENT: Final = "application/json"
 MERGE_PATCH: Final = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH: Final = "application/strategic-merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ def resource_of(obj: Mapping[str, Any]) -> Resource:
 
 
 class KubeError(RuntimeError):
-    """A non-2xx answer from the API server."""
+    """A non-2xx answer from the API server; ``reason`` is the Status object's (e.g. AlreadyExists)."""
 
     def __init__(self, status: int, method: str, path: str, body: str) -> None:
         self.status = status
@@ -79,54 +86,121 @@ class KubeError(RuntimeError):
         super().__init__(f"{method} {path}: HTTP {status}: {message}")
 
 
-def new_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
+def load_configuration(kubeconfig: str | Path | None = None) -> k8s_client.Configuration:
     """``kubeconfig`` or $KUBECONFIG if set; otherwise in-cluster credentials (or ~/.kube/config)."""
+    configuration = k8s_client.Configuration()
     # Read $KUBECONFIG now: the kubernetes package reads it only once, when it is imported.
-    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
-    if kubeconfig is None:
-        configuration = k8s_client.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG") or None
+    if path is None:
         try:
             k8s_config.load_incluster_config(client_configuration=configuration)
         except k8s_config.ConfigException:
-            pass
+            path = None
         else:
-            return k8s_client.ApiClient(configuration)
-    api_client = k8s_config.new_client_from_config(config_file=kubeconfig)
-    assert isinstance(api_client, k8s_client.ApiClient)
-    return api_client
+            return configuration
+    loader: Any = k8s_config.load_kube_config  # untyped
+    loader(config_file=str(path) if path else None, client_configuration=configuration)
+    return configuration
 
 
 class Kube:
-    """GET/POST/PATCH/LIST/DELETE of plain dicts."""
+    """GET/POST/PATCH/DELETE/WATCH of plain dicts against one API server."""
 
-    def __init__(self, api_client: k8s_client.ApiClient, timeout: float = 30.0) -> None:
-        self.api_client = api_client
+    def __init__(self, configuration: k8s_client.Configuration, timeout: float = 30.0) -> None:
+        self.configuration = configuration
+        self.server = str(configuration.host).rstrip("/")
         self.timeout = timeout
+        tls: dict[str, Any] = {
+            "cert_reqs": "CERT_REQUIRED" if configuration.verify_ssl else "CERT_NONE",
+            "ca_certs": configuration.ssl_ca_cert,
+            "cert_file": configuration.cert_file,
+            "key_file": configuration.key_file,
+        }
+        if getattr(configuration, "tls_server_name", None):
+            tls["server_hostname"] = configuration.tls_server_name
+        self._pool: urllib3.PoolManager = (
+            urllib3.ProxyManager(configuration.proxy, num_pools=4, maxsize=8, **tls)
+            if configuration.proxy
+            else urllib3.PoolManager(num_pools=4, maxsize=8, **tls)
+        )
+
+    @classmethod
+    def connect(cls, kubeconfig: str | Path | None = None, timeout: float = 30.0) -> Kube:
+        """A client for ``kubeconfig`` (see :func:`load_configuration` for the fallbacks)."""
+        return cls(load_configuration(kubeconfig), timeout)
+
+    @property
+    def port(self) -> int:
+        parsed = urllib.parse.urlsplit(self.server)
+        return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": JSON_CONTENT}
+        # Calls the refresh hook, so a rotated ServiceAccount token is read again when due.
+        token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+        if token:
+            headers["Authorization"] = str(token)
+        return headers
+
+    def _url(self, path: str, params: Mapping[str, str] | None) -> str:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return f"{self.server}{path}{query}"
 
     def request(
         self,
         method: str,
         path: str,
-        body: Any = None,
-        query: list[tuple[str, str]] | None = None,
-        content_type: str = "application/json",
+        body: object | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        content_type: str = JSON_CONTENT,
+        timeout: float | None = None,
     ) -> Obj:
-        serialized = self.api_client.param_serialize(
+        """One request; the answer's JSON, or :class:`KubeError` for a non-2xx status."""
+        headers = self._headers()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body).encode()
+        response = self._pool.request(
             method,
-            path,
-            query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
+            self._url(path, params),
+            body=data,
+            headers=headers,
+            timeout=timeout or self.timeout,
+            retries=False,
         )
-        response = self.api_client.call_api(*serialized, _request_timeout=self.timeout)
-        data = response.read()
-        text = data.decode("utf-8") if isinstance(data, bytes) else str(data or "")
+        text = response.data.decode(errors="replace")
         if not 200 <= response.status <= 299:
             raise KubeError(response.status, method, path, text)
         result: Obj = json.loads(text) if text else {}
         return result
 
+    def watch(self, path: str, params: Mapping[str, str], timeout_seconds: int) -> Iterator[Obj]:
+        """Yield watch events until the server closes the stream (after ``timeout_seconds``)."""
+        query = {**params, "watch": "true", "timeoutSeconds": str(timeout_seconds)}
+        response = self._pool.request(
+            "GET",
+            self._url(path, query),
+            headers=self._headers(),
+            timeout=urllib3.Timeout(connect=10, read=timeout_seconds + 15),
+            preload_content=False,
+            retries=False,
+        )
+        try:
+            if response.status >= 300:
+                raise KubeError(response.status, "WATCH", path, response.data.decode(errors="replace"))
+            for line in response:
+                if line.strip():
+                    event: Obj = json.loads(line)
+                    yield event
+        finally:
+            response.release_conn()
+
+    # -- objects by resource -----------------------------------------------------------------------
     def get(self, resource: Resource, namespace: str, name: str) -> Obj | None:
         """The object, or None if it does not exist."""
         try:
@@ -137,13 +211,13 @@ class Kube:
             raise
 
     def list(self, resource: Resource, namespace: str, label_selector: str | None = None) -> list[Obj]:
-        query = [("labelSelector", label_selector)] if label_selector else None
-        items: list[Obj] = self.request("GET", resource.path(namespace), query=query).get("items", [])
+        params = {"labelSelector": label_selector} if label_selector else None
+        items: list[Obj] = self.request("GET", resource.path(namespace), params=params).get("items", [])
         return items
 
     def create(self, obj: Mapping[str, Any]) -> Obj:
         meta = obj["metadata"]
-        return self.request("POST", resource_of(obj).path(meta["namespace"]), body=dict(obj))
+        return self.request("POST", resource_of(obj).path(meta["namespace"]), dict(obj))
 
     def ensure(self, obj: Mapping[str, Any]) -> tuple[Obj, bool]:
         """Create ``obj`` unless an object of that name exists; (the object, whether it was created).
@@ -172,12 +246,12 @@ class Kube:
     ) -> Obj:
         """A JSON merge patch (RFC 7386): nulls delete keys, maps merge, lists are replaced."""
         path = resource.path(namespace, name, subresource)
-        return self.request("PATCH", path, body=dict(patch), content_type=MERGE_PATCH)
+        return self.request("PATCH", path, dict(patch), content_type=MERGE_PATCH)
 
     def delete(self, resource: Resource, namespace: str, name: str, propagation: str = "Background") -> None:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
         try:
-            self.request("DELETE", resource.path(namespace, name), body=body)
+            self.request("DELETE", resource.path(namespace, name), body)
         except KubeError as err:
             if err.status != 404:
                 raise

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from kubetune_localenv import stack, tinymodel
+from kubetune_localenv.agents import start_agent
 from kubetune_localenv.cluster import LocalEnv
-from kubetune_localenv.nodeagent import start_agent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune_localenv.agents import pod_log_path, start_agent
 from kubetune_localenv.cluster import LocalEnv, ManagedProcess
-from kubetune_localenv.nodeagent import pod_log_path, start_agent
-from kubetune_localenv.nodeagent_cgroup import MemoryCgroups
-from kubetune_localenv.nodeagent_kube import ApiError, Kube
 from kubetune_localenv.stack import wait_for
+from kubetune_nodeagent.cgroup import MemoryCgroups
+from kubetune_operator.kube import Kube, KubeError
 
 pytestmark = pytest.mark.cluster
 
@@ -60,7 +60,7 @@ class Node:
 def delete_node(kube: Kube, name: str) -> None:
     try:
         kube.request("DELETE", f"/api/v1/nodes/{name}")
-    except ApiError as exc:
+    except KubeError as exc:
         if exc.status != 404:
             raise
 
@@ -77,8 +77,8 @@ def create_pod(kube: Kube, namespace: str, name: str, spec: JSON) -> JSON:
 
 def get_pod(kube: Kube, namespace: str, name: str) -> JSON | None:
     try:
-        return kube.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
-    except ApiError as exc:
+        return kube.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+    except KubeError as exc:
         if exc.status == 404:
             return None
         raise
@@ -131,7 +131,7 @@ def processes_with(token: str) -> list[int]:
 # -- fixtures ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kube(local_env: LocalEnv) -> Kube:
-    return Kube(local_env.kubeconfig)
+    return Kube.connect(local_env.kubeconfig)
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +147,12 @@ def node(local_env: LocalEnv, kube: Kube) -> Iterator[Node]:
 
 # -- tests ------------------------------------------------------------------------------
 def test_node_is_ready_with_gpus_and_lease(kube: Kube, node: Node) -> None:
-    obj = kube.get(f"/api/v1/nodes/{node.name}")
+    obj = kube.request("GET", f"/api/v1/nodes/{node.name}")
     assert obj["status"]["allocatable"]["nvidia.com/gpu"] == "1"
     assert obj["metadata"]["labels"]["kubernetes.io/hostname"] == node.name
     ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
-    lease = kube.get(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node.name}")
+    lease = kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node.name}")
     assert lease["spec"]["holderIdentity"] == node.name
 
 
@@ -410,13 +410,15 @@ def test_job_runs_to_completion_with_restart_in_place(kube: Kube, node: Node, na
     create(kube, namespace, "jobs", job, "/apis/batch/v1")
 
     def complete() -> JSON | None:
-        obj = kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/once")
+        obj = kube.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/once")
         done = [c for c in obj.get("status", {}).get("conditions") or [] if c["status"] == "True"]
         return obj if any(c["type"] in ("Complete", "Failed") for c in done) else None
 
     obj = wait_for("job once to finish", complete, timeout=90)
     assert obj["status"].get("succeeded") == 1, obj["status"]
-    pods = kube.get(f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": "job-name=once"})["items"]
+    pods = kube.request(
+        "GET", f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": "job-name=once"}
+    )["items"]
     assert len(pods) == 1
     status = container_status(pods[0], "work")
     assert status["restartCount"] == 1
@@ -571,7 +573,7 @@ def test_agent_stop_and_kill_leave_no_processes(local_env: LocalEnv, kube: Kube,
             try:
                 body = {"gracePeriodSeconds": 0}
                 kube.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod_name}", body)
-            except ApiError:
+            except KubeError:
                 pass
         delete_node(kube, name)
         cgroups = MemoryCgroups.detect(f"kubetune-nodeagent-{name}")

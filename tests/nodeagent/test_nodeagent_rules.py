@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from kubetune_localenv import nodeagent_images as images
-from kubetune_localenv.nodeagent_sched import parse_quantity, pod_requests, unfit_reason
-from kubetune_localenv.nodeagent_spec import expand
+from kubetune_nodeagent import images
+from kubetune_nodeagent.podspec import expand
+from kubetune_nodeagent.scheduling import parse_quantity, pod_requests, unfit_reason
 
 JSON = dict[str, Any]
 

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune_api import coordinates
+from kubetune_api.crd import CRD_FILE
 from kubetune_localenv.stack import wait_for as _wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
+CRD_PATH = REPO_ROOT / CRD_FILE
 EXAMPLE_PATH = REPO_ROOT / "examples" / "finetunejob.yaml"
 TRAINER_IMAGE = "registry.example/kubetune/trainer:test"
 
@@ -94,15 +96,15 @@ def make_ftj(crd: Obj) -> MakeFtj:
 def crd_installed(local_env: Any) -> Obj:
     """The CRD applied to the session's API server and Established."""
     local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.dev")
+    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{coordinates.CRD_NAME}")
     return load_crd()
 
 
 @pytest.fixture(scope="session")
-def kube(kube_api: Any) -> Any:
+def kube(local_env: Any) -> Any:
     from kubetune_operator.kube import Kube
 
-    return Kube(kube_api)
+    return Kube.connect(local_env.kubeconfig)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_api import crd
 from kubetune_api.coordinates import GROUP, PLURAL, VERSION
 from kubetune_localenv.tinymodel import (
     RECORDS,
@@ -40,7 +41,7 @@ __all__ = [
     "upload_folder",
 ]
 
-CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
+CRD_FILE = Path(__file__).resolve().parents[2] / crd.CRD_FILE
 
 
 @pytest.fixture(scope="session")

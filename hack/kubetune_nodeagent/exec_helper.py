@@ -1,6 +1,6 @@
 """Start one container process for the node agent: the "container runtime".
 
-Run as ``python nodeagent_exec.py SPEC.json`` (standard library only, so it starts
+Run as ``python exec_helper.py SPEC.json`` (standard library only, so it starts
 fast and needs nothing on ``sys.path``).  It is a separate, single-threaded
 process because setting up namespaces between ``fork`` and ``exec`` is not safe
 from the agent's own multi-threaded process.

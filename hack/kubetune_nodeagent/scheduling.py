@@ -1,4 +1,4 @@
-"""Scheduling decisions of the node agent: does a pending pod fit on this node?
+"""Scheduling on the node agent's node: does a pending pod fit (pure rules), and binding it.
 
 Supported (the rest of the scheduler's rules are ignored, see docs/nodeagent.md):
 
@@ -16,12 +16,17 @@ Supported (the rest of the scheduler's rules are ignored, see docs/nodeagent.md)
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
+from kubetune_api.status import rfc3339
+from kubetune_operator.kube import STRATEGIC_MERGE_PATCH, Kube, KubeError
+
 JSON = dict[str, Any]
+log = logging.getLogger("nodeagent")
 
 _SUFFIXES = {
     "": Fraction(1),
@@ -190,3 +195,72 @@ def unfit_reason(pod: JSON, node: JSON, node_pods: Iterable[JSON]) -> str | None
     if missing:
         return ", ".join(f"Insufficient {name}" for name in missing)
     return None
+
+
+# -- binding -----------------------------------------------------------------------------------
+class Binder:
+    """Binds the pending pods that fit on this node, and marks the others Unschedulable (once)."""
+
+    def __init__(self, kube: Kube, node_name: str, scheduler_name: str) -> None:
+        self.kube = kube
+        self.node_name = node_name
+        self.scheduler_name = scheduler_name
+        self.unschedulable: dict[str, str] = {}
+
+    def schedule(self, pending: list[JSON], node: JSON, bound: list[JSON]) -> int:
+        """Bind what fits, oldest first; returns how many pods were bound."""
+        pending = sorted(pending, key=lambda p: str(p["metadata"].get("creationTimestamp", "")))
+        placed = list(bound)
+        count = 0
+        for pod in pending:
+            meta, spec = pod["metadata"], pod["spec"]
+            if spec.get("schedulerName", "default-scheduler") != self.scheduler_name or meta.get(
+                "deletionTimestamp"
+            ):
+                continue
+            reason = unfit_reason(pod, node, placed)
+            if reason is not None:
+                self._mark_unschedulable(pod, reason)
+                continue
+            try:
+                self._bind(pod)
+            except KubeError as exc:
+                log.info("pod %s/%s: bind: %s", meta["namespace"], meta["name"], exc)
+                continue
+            placed.append(pod)
+            count += 1
+        return count
+
+    def _bind(self, pod: JSON) -> None:
+        meta = pod["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": meta["name"], "uid": meta["uid"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name},
+        }
+        self.kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding", body)
+        self.unschedulable.pop(str(meta["uid"]), None)
+        log.info("pod %s/%s: bound to %s", meta["namespace"], meta["name"], self.node_name)
+
+    def _mark_unschedulable(self, pod: JSON, reason: str) -> None:
+        meta = pod["metadata"]
+        message = f"0/1 nodes are available: {reason} (node {self.node_name})."
+        if self.unschedulable.get(str(meta["uid"])) == message:
+            return
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastProbeTime": None,
+            "lastTransitionTime": rfc3339(),
+        }
+        body = {"metadata": {"uid": meta["uid"]}, "status": {"conditions": [condition]}}
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        try:
+            self.kube.request("PATCH", path, body, content_type=STRATEGIC_MERGE_PATCH)
+        except KubeError as exc:
+            log.info("pod %s/%s: unschedulable status: %s", meta["namespace"], meta["name"], exc)
+            return
+        self.unschedulable[str(meta["uid"])] = message

@@ -1,7 +1,7 @@
 """Turning a pod spec into what a local process needs: volume contents and env.
 
 Volumes are written under the pod's directory and later bind-mounted at their
-mountPaths by :mod:`nodeagent_exec`.  Supported volume types: configMap, secret,
+mountPaths by :mod:`.exec_helper`.  Supported volume types: configMap, secret,
 projected (serviceAccountToken, configMap, secret, downwardAPI), downwardAPI,
 emptyDir and hostPath.  Env: value (with ``$(VAR)`` expansion), valueFrom
 (configMapKeyRef, secretKeyRef, fieldRef, resourceFieldRef) and envFrom.
@@ -19,8 +19,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .nodeagent_kube import ApiError, Kube
-from .nodeagent_sched import parse_quantity
+from kubetune_operator.kube import Kube, KubeError
+
+from .scheduling import parse_quantity
 
 JSON = dict[str, Any]
 DEFAULT_MODE = 0o644
@@ -86,8 +87,8 @@ class PodSpecResolver:
     def _object_data(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
         path = f"/api/v1/namespaces/{self.namespace}/{kind}s/{name}"
         try:
-            obj = self.kube.get(path)
-        except ApiError as exc:
+            obj = self.kube.request("GET", path)
+        except KubeError as exc:
             if exc.status != 404:
                 raise
             if optional:
