@@ -240,6 +240,8 @@ class TrainingSpec(ApiModel):
     """Learning-rate schedule."""
     weight_decay: float = Field(default=0.0, ge=0.0)
     """AdamW weight decay."""
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1000)
+    """Clip the gradients' global norm to this value before each optimizer step."""
     seed: int = Field(default=42, ge=0)
     """Random seed for data shuffling and initialization."""
     gradient_checkpointing: bool | None = None

@@ -26,12 +26,12 @@ def test_every_training_field_is_passed_or_translated() -> None:
 
 
 def test_a_new_same_named_field_needs_no_glue() -> None:
-    """What adding e.g. training.maxGradNorm to the model does: SFTConfig gets it as it is."""
+    """What adding e.g. training.adamBeta2 to the model would do: SFTConfig gets it as it is."""
 
-    class WithGradNorm(TrainingSpec):
-        max_grad_norm: float = 0.3
+    class WithAdamBeta2(TrainingSpec):
+        adam_beta2: float = 0.95
 
-    assert sft.same_named(WithGradNorm())["max_grad_norm"] == 0.3
+    assert sft.same_named(WithAdamBeta2())["adam_beta2"] == 0.95
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,9 @@ def test_gpu_plan_turns_on_bf16_and_checkpointing(tmp_path: Path) -> None:
     assert (kwargs["bf16"], kwargs["fp16"], kwargs["use_cpu"]) == (True, False, False)
     assert kwargs["activation_checkpointing"] is True
     assert kwargs["assistant_only_loss"] is True
+
+
+def test_max_grad_norm_reaches_trl(tmp_path: Path) -> None:
+    spec = TrainingSpec.model_validate({"maxGradNorm": 0.3})
+    assert sft.sft_config(spec, CPU_PLAN, tmp_path).max_grad_norm == 0.3
+    assert sft.sft_config(TrainingSpec(), CPU_PLAN, tmp_path).max_grad_norm == 1.0
