@@ -48,13 +48,13 @@ class ObjectMeta(ApiModel):
     annotations: dict[str, str] | None = None
 
 
-def _name_ok(job: FineTuneJob, check: str) -> bool:
-    name = job.metadata.name
-    if name is None:  # generateName: the API server names it (and applies the rule then)
-        return True
-    if check == "pattern":
-        return bool(re.fullmatch(coordinates.NAME_PATTERN, name))
-    return len(name) <= coordinates.MAX_NAME_LENGTH
+def _name_is_a_label(job: FineTuneJob) -> bool:
+    name = job.metadata.name  # None with generateName: the API server names it, and checks then
+    return name is None or bool(re.fullmatch(coordinates.NAME_PATTERN, name))
+
+
+def _name_fits(job: FineTuneJob) -> bool:
+    return job.metadata.name is None or len(job.metadata.name) <= coordinates.MAX_NAME_LENGTH
 
 
 class FineTuneJob(ApiModel):
@@ -69,7 +69,7 @@ class FineTuneJob(ApiModel):
                 "metadata.name must be a DNS-1123 label (lower-case letters, digits and '-'), because it "
                 "names the Job, ConfigMap and ServiceAccount and is used as a label value"
             ),
-            check=lambda job: _name_ok(job, "pattern"),
+            check=_name_is_a_label,
         ),
         Rule(
             cel=f"size(self.metadata.name) <= {coordinates.MAX_NAME_LENGTH}",
@@ -77,7 +77,7 @@ class FineTuneJob(ApiModel):
                 f"metadata.name must be at most {coordinates.MAX_NAME_LENGTH} characters, so that the "
                 "derived object names (<name>-trainer, <name>-config) fit in 63 characters"
             ),
-            check=lambda job: _name_ok(job, "length"),
+            check=_name_fits,
         ),
     )
     printer_columns: ClassVar[tuple[PrinterColumn, ...]] = (

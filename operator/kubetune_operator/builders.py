@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kubetune_api import coordinates, wellknown
 from kubetune_api.exitcodes import NON_RETRYABLE
@@ -45,7 +45,7 @@ def _wire(value: Any) -> Any:
     """A model (or tuple of models) as the JSON the API expects."""
     if isinstance(value, tuple):
         return [_wire(item) for item in value]
-    if hasattr(value, "model_dump"):
+    if isinstance(value, BaseModel):
         return value.model_dump(mode="json", by_alias=True, exclude_none=True)
     return value
 

@@ -55,6 +55,16 @@ def test_reporting_failures_are_logged_once_and_never_raise(caplog: pytest.LogCa
     assert sum("could not patch" in r.message for r in caplog.records) == 1
 
 
+def test_a_field_status_does_not_know_is_never_sent(caplog: pytest.LogCaptureFixture) -> None:
+    sent: list[dict[str, Any]] = []
+    reporter = ProgressReporter(send=sent.append, interval=0.0)
+    with caplog.at_level(logging.WARNING):
+        assert not reporter.update({"step": 1, "stepz": 2})
+    assert sent == []
+    assert "could not patch" in caplog.text
+    assert "stepz" in caplog.text
+
+
 def test_job_ref_from_config_or_environment() -> None:
     assert job_ref(ReportingSpec(), {}) is None
     assert job_ref(ReportingSpec(), {"KUBETUNE_JOB_NAME": "a", "KUBETUNE_JOB_NAMESPACE": "ns"}) == JobRef(

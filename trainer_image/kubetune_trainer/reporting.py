@@ -113,9 +113,9 @@ class ProgressReporter:
         if not force and self.last_sent is not None and now - self.last_sent < self.interval:
             return False
         self.last_sent = now
-        # Through the API type: a misspelt field fails here, in tests, not silently in status.
-        body = Progress.model_validate({**self.latest, "updateTime": rfc3339()})
         try:
+            # Through the API type, so a field the CRD does not know never reaches status.
+            body = Progress.model_validate({**self.latest, "updateTime": rfc3339()})
             self.send(body.model_dump(mode="json", by_alias=True, exclude_none=True))
         except Exception as exc:  # reporting must never fail training
             if not self.failed_once:
