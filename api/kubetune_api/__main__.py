@@ -1,6 +1,7 @@
 """``python -m kubetune_api [--check] [--root DIR]``: write (or check) the files generated from the models.
 
-``make crds`` runs it, then copies the CRD into the chart (hack/sync-chart-crds.sh).
+``make crds`` runs it (the CRD into crds/, docs/api.md), then hack/sync-chart-crds.sh, which
+copies crds/ into the chart.
 """
 
 from __future__ import annotations

@@ -85,11 +85,10 @@ def field_errors(error: ValidationError) -> list[str]:
     """Each problem as ``spec.quantization.bits: <what to change>``, the way the API server names fields."""
     lines = []
     for item in error.errors():
-        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]).lstrip(
-            "."
-        )
+        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
         if item["type"] == RULE_ERROR:
             path += str((item.get("ctx") or {}).get("field_path", ""))
+        path = path.lstrip(".")
         lines.append(f"{path}: {item['msg']}" if path else str(item["msg"]))
     return lines
 

@@ -32,6 +32,27 @@ _PASSED = (
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
 )
+#: Every JSON Schema key the translation knows; anything else fails `make crds` instead of being
+#: dropped (the CRD would then accept what the models refuse).
+_KNOWN = {
+    *_PASSED,
+    "anyOf",
+    "const",
+    "default",
+    "description",
+    "title",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    CEL_KEY,
+    INT_OR_STRING_KEY,
+    PRESERVE_UNKNOWN_KEY,
+}
 _BOUND_WORDS = {
     "minimum": "at least",
     "exclusiveMinimum": "above",
@@ -63,6 +84,10 @@ def _resolve(node: Mapping[str, Any], defs: Mapping[str, Schema]) -> Schema:
             out[CEL_KEY] = rules
     if "anyOf" in out:
         options = [option for option in out["anyOf"] if option.get("type") != "null"]
+        if len(options) < len(out["anyOf"]) and out.get("default") is not None:
+            # kubectl apply and GitOps tools delete a key set to null, and the default comes back.
+            default = out["default"]
+            raise ValueError(f"an optional field defaulting to {default!r} can never be unset: drop None")
         if len(options) == 1:
             del out["anyOf"]
             inner = _resolve(options[0], defs)
@@ -134,6 +159,13 @@ def _bounds(node: Mapping[str, Any], path: str) -> tuple[Schema, list[dict[str, 
 def structural(node: Mapping[str, Any], defs: Mapping[str, Schema], path: str) -> Schema:
     """The structural schema of one JSON Schema node; ``path`` (dotted, wire names) names it in messages."""
     src = _resolve(node, defs)
+    unknown = set(src) - _KNOWN
+    if unknown:
+        raise ValueError(f"{path}: JSON Schema keys the CRD translation does not know: {sorted(unknown)}")
+    if src.get("additionalProperties") is True and not src.get(PRESERVE_UNKNOWN_KEY):
+        raise ValueError(
+            f"{path}: a free-form object would be pruned by the API server; mark it {PRESERVE_UNKNOWN_KEY}"
+        )
     out: Schema = {}
     if src.get(INT_OR_STRING_KEY):
         out.update(anyOf=[{"type": "integer"}, {"type": "string"}], **{INT_OR_STRING_KEY: True})

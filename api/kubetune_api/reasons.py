@@ -9,7 +9,7 @@ from those components that is not listed still reaches status unchanged.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Final
+from typing import Final, Literal
 
 from .exitcodes import ExitCode
 
@@ -49,21 +49,29 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
 
 
+#: Who sets a reason: kubetune itself, or a Kubernetes component whose reason kubetune passes on.
+Source = Literal["kubetune", "kubelet", "scheduler", "Job controller"]
+
+P, Q, R, S, OK, F = Phase.PENDING, Phase.QUEUED, Phase.RUNNING, Phase.SUSPENDED, Phase.SUCCEEDED, Phase.FAILED
+
+
 class Reason(StrEnum):
-    """A reason: its value, a one-line meaning, whether it is a warning, and its phases.
+    """A reason: its value, a one-line meaning, whether it is a warning, who sets it, its phases.
 
     ``phases`` is empty for condition-only reasons (the reason of a False condition).
     """
 
     meaning: str
     warning: bool
+    source: Source
     phases: tuple[Phase, ...]
 
-    def __new__(cls, value: str, meaning: str, warning: bool, *phases: Phase) -> Reason:
+    def __new__(cls, value: str, meaning: str, warning: bool, source: Source, *phases: Phase) -> Reason:
         member = str.__new__(cls, value)
         member._value_ = value
         member.meaning = meaning
         member.warning = warning
+        member.source = source
         member.phases = phases
         return member
 
@@ -72,142 +80,158 @@ class Reason(StrEnum):
         "Creating",
         "creating the trainer Job and its ConfigMap, ServiceAccount and Role",
         False,
-        Phase.PENDING,
+        "kubetune",
+        P,
     )
     WAITING_FOR_CLEANUP = (
         "WaitingForCleanup",
         "a same-named object of another owner (kubectl replace --force) still holds a child's name",
         False,
-        Phase.PENDING,
+        "kubetune",
+        P,
     )
     WAITING_FOR_POD = (
         "WaitingForPod",
         "waiting for the Job controller to create the trainer pod",
         False,
-        Phase.PENDING,
+        "kubetune",
+        P,
     )
-    POD_STARTING = "PodStarting", "the trainer pod is scheduled and starting", False, Phase.PENDING
-    RETRYING = "Retrying", "an attempt failed; the Job will start another pod", False, Phase.PENDING
-    RESUMING = "Resuming", "spec.suspend turned false; the Job is starting a new pod", False, Phase.PENDING
-    UNSCHEDULABLE = "Unschedulable", "no node fits the trainer pod yet (scheduler)", False, Phase.PENDING
-    IMAGE_PULL_BACK_OFF = (
-        "ImagePullBackOff",
-        "the trainer image cannot be pulled (kubelet)",
+    POD_STARTING = "PodStarting", "the trainer pod is scheduled and starting", False, "kubetune", P
+    RETRYING = "Retrying", "an attempt failed; the Job will start another pod", False, "kubetune", P
+    RESUMING = "Resuming", "spec.suspend turned false; the Job is starting a new pod", False, "kubetune", P
+    INVALID_SPEC = (
+        "InvalidSpec",
+        "the stored spec does not parse with this operator's API types (older than its CRD?); retried",
         True,
-        Phase.PENDING,
+        "kubetune",
+        P,
     )
-    ERR_IMAGE_PULL = "ErrImagePull", "pulling the trainer image failed (kubelet)", True, Phase.PENDING
-    INVALID_IMAGE_NAME = (
-        "InvalidImageName",
-        "spec.image is not a valid image reference (kubelet)",
-        True,
-        Phase.PENDING,
-    )
+    UNSCHEDULABLE = "Unschedulable", "no node fits the trainer pod yet", False, "scheduler", P
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff", "the trainer image cannot be pulled", True, "kubelet", P
+    ERR_IMAGE_PULL = "ErrImagePull", "pulling the trainer image failed", True, "kubelet", P
+    INVALID_IMAGE_NAME = "InvalidImageName", "spec.image is not a valid image reference", True, "kubelet", P
     ERR_IMAGE_NEVER_PULL = (
         "ErrImageNeverPull",
-        "imagePullPolicy Never and the image is not on the node (kubelet)",
+        "imagePullPolicy Never and the image is not on the node",
         True,
-        Phase.PENDING,
+        "kubelet",
+        P,
     )
     CREATE_CONTAINER_CONFIG_ERROR = (
         "CreateContainerConfigError",
-        "a referenced Secret or key is missing (kubelet)",
+        "a referenced Secret or key is missing",
         True,
-        Phase.PENDING,
+        "kubelet",
+        P,
     )
     CREATE_CONTAINER_ERROR = (
         "CreateContainerError",
         "the container runtime cannot create the trainer",
         True,
-        Phase.PENDING,
+        "kubelet",
+        P,
     )
     RUN_CONTAINER_ERROR = (
         "RunContainerError",
         "the container runtime cannot start the trainer",
         True,
-        Phase.PENDING,
+        "kubelet",
+        P,
     )
     # -- Queued ----------------------------------------------------------------------------
     WAITING_FOR_ADMISSION = (
         "WaitingForAdmission",
         "waiting for Kueue to admit the job from its queue",
         False,
-        Phase.QUEUED,
+        "kubetune",
+        Q,
     )
     # -- Running ---------------------------------------------------------------------------
-    TRAINING = "Training", "the trainer pod is running", False, Phase.RUNNING
+    TRAINING = "Training", "the trainer pod is running", False, "kubetune", R
     COMPLETING = (
         "Completing",
         "the trainer exited 0; the Job controller has not marked the Job complete yet",
         False,
-        Phase.RUNNING,
+        "kubetune",
+        R,
     )
     # -- Suspended -------------------------------------------------------------------------
-    SUSPENDING = "Suspending", "spec.suspend is true; the trainer pod is stopping", False, Phase.SUSPENDED
-    SUSPENDED = "Suspended", "suspended by spec.suspend; checkpoints are kept", False, Phase.SUSPENDED
+    SUSPENDING = "Suspending", "spec.suspend is true; the trainer pod is stopping", False, "kubetune", S
+    SUSPENDED = "Suspended", "suspended by spec.suspend; checkpoints are kept", False, "kubetune", S
     # -- Succeeded -------------------------------------------------------------------------
-    COMPLETED = "Completed", "training finished and the result is published", False, Phase.SUCCEEDED
+    COMPLETED = "Completed", "training finished and the result is published", False, "kubetune", OK
     # -- Failed ----------------------------------------------------------------------------
     INVALID_DATASET = (
         "InvalidDataset",
         "bad records or unreadable input objects (trainer exit 42)",
         True,
-        Phase.FAILED,
+        "kubetune",
+        F,
     )
     INVALID_CONFIG = (
         "InvalidConfig",
         "the config does not fit the hardware or the output prefix (trainer exit 43)",
         True,
-        Phase.FAILED,
+        "kubetune",
+        F,
     )
     WORLD_SIZE_MISMATCH = (
         "WorldSizeMismatch",
         "the launcher started a different number of processes than GPUs requested (trainer exit 44)",
         True,
-        Phase.FAILED,
+        "kubetune",
+        F,
     )
-    OOM_KILLED = "OOMKilled", "the trainer ran out of memory (resources.memory)", True, Phase.FAILED
+    OOM_KILLED = "OOMKilled", "the trainer ran out of memory (resources.memory)", True, "kubelet", F
     DEADLINE_EXCEEDED = (
         "DeadlineExceeded",
         "the run passed lifecycle.activeDeadlineSeconds",
         True,
-        Phase.FAILED,
+        "Job controller",
+        F,
     )
     BACKOFF_LIMIT_EXCEEDED = (
         "BackoffLimitExceeded",
-        "more attempts failed than lifecycle.backoffLimit allows (Job controller)",
+        "more attempts failed than lifecycle.backoffLimit allows",
         True,
-        Phase.FAILED,
+        "Job controller",
+        F,
     )
     POD_FAILURE_POLICY = (
         "PodFailurePolicy",
-        "a podFailurePolicy rule failed the Job (Job controller)",
+        "a podFailurePolicy rule failed the Job",
         True,
-        Phase.FAILED,
+        "Job controller",
+        F,
     )
-    EVICTED = "Evicted", "the node evicted the trainer pod (kubelet)", True, Phase.FAILED
+    EVICTED = "Evicted", "the node evicted the trainer pod", True, "kubelet", F
     ERROR = (
         "Error",
         "the trainer exited with another code; the message holds its termination message",
         True,
-        Phase.FAILED,
+        "kubetune",
+        F,
     )
-    POD_FAILED = "PodFailed", "the trainer pod failed without an exit code", True, Phase.FAILED
-    FAILED = "Failed", "the Job failed and no pod is left to say why", True, Phase.FAILED
-    JOB_DELETED = "JobDeleted", "the trainer Job was deleted before it finished", True, Phase.FAILED
-    INVALID_SPEC = (
-        "InvalidSpec",
-        "the stored spec does not parse with this operator's API types (stored under an older schema)",
-        True,
-        Phase.FAILED,
-    )
+    POD_FAILED = "PodFailed", "the trainer pod failed without an exit code", True, "kubetune", F
+    FAILED = "Failed", "the Job failed and no pod is left to say why", True, "kubetune", F
+    JOB_DELETED = "JobDeleted", "the trainer Job was deleted before it finished", True, "kubetune", F
     # -- conditions only -------------------------------------------------------------------
-    JOB_CREATED = "JobCreated", "Created=True: the trainer Job exists", False
-    NOT_RUNNING = "NotRunning", "Running=False: see the phase", False
-    NOT_SUSPENDED = "NotSuspended", "Suspended=False: see the phase", False
-    NOT_SUCCEEDED = "NotSucceeded", "Succeeded=False: see the phase", False
-    NOT_FAILED = "NotFailed", "Failed=False: see the phase", False
+    JOB_CREATED = "JobCreated", "Created=True: the trainer Job exists", False, "kubetune"
+    NOT_STARTED = (
+        "Pending",
+        "Running=False: the trainer has not started (or is being retried)",
+        False,
+        "kubetune",
+    )
+    IN_QUEUE = "Queued", "Running=False: waiting for Kueue", False, "kubetune"
+    FINISHED = "Finished", "Running=False: the run has ended", False, "kubetune"
+    NOT_SUSPENDED = "NotSuspended", "Suspended=False: see the phase", False, "kubetune"
+    NOT_SUCCEEDED = "NotSucceeded", "Succeeded=False: see the phase", False, "kubetune"
+    NOT_FAILED = "NotFailed", "Failed=False: see the phase", False, "kubetune"
 
+
+del P, Q, R, S, OK, F
 
 #: The trainer's exit codes, as failure reasons.
 EXIT_CODE_REASONS: Final = {

@@ -22,7 +22,7 @@ Schema = Mapping[str, Any]
 
 def _type(schema: Schema) -> str:
     if schema.get("x-kubernetes-int-or-string"):
-        return "quantity (int or string)"
+        return "int or string"
     kind = str(schema.get("type", "any"))
     if kind == "array":
         return f"list of {_type(schema.get('items', {}))}"

@@ -226,8 +226,8 @@ class TrainingSpec(ApiModel):
     """When to write a checkpoint to object storage."""
     save_steps: int = Field(default=100, ge=1)
     """Checkpoint every this many steps (saveStrategy steps)."""
-    save_total_limit: int | None = Field(default=2, ge=1)
-    """Number of most recent checkpoints to keep."""
+    save_total_limit: int = Field(default=2, ge=1)
+    """Number of most recent checkpoints to keep (in object storage too)."""
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Fraction of the steps used for learning-rate warmup. Exclusive with warmupSteps."""
     warmup_steps: int = Field(default=0, ge=0)

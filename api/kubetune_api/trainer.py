@@ -45,7 +45,8 @@ class ReportingSpec(ApiModel):
 
 
 #: What determines a run's result; connection and reporting settings are left out, so a
-#: restarted pod with new credentials (or Secret names) still resumes.
+#: restarted pod with new credentials (or Secret names) still resumes. Fields left at their
+#: defaults are left out too, so a new, defaulted API field does not change the fingerprint.
 _FINGERPRINT_FIELDS: dict[str, Any] = {
     "model": {"source": True, "revision": True, "trust_remote_code": True},
     "dataset": True,
@@ -103,7 +104,9 @@ class TrainerConfig(ApiModel):
         Recorded in every checkpoint marker and in ``manifest.json``: a run resumes or reuses
         only what a run with the same fingerprint wrote.
         """
-        identity = self.model_dump(mode="json", by_alias=True, include=_FINGERPRINT_FIELDS)
+        identity = self.model_dump(
+            mode="json", by_alias=True, include=_FINGERPRINT_FIELDS, exclude_defaults=True
+        )
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from kubetune_api import coordinates, wellknown
+from kubetune_api.base import field_errors
 from kubetune_api.exitcodes import NON_RETRYABLE
 from kubetune_api.spec import FineTuneJobSpec
 from kubetune_api.trainer import ReportingSpec, TrainerConfig
@@ -33,7 +34,7 @@ def spec_of(ftj: Body) -> FineTuneJobSpec:
     try:
         return FineTuneJobSpec.model_validate(ftj["spec"])
     except ValidationError as err:
-        raise InvalidSpecError(str(err)) from err
+        raise InvalidSpecError("; ".join(field_errors(err))) from err
 
 
 def _meta(ftj: Body) -> Mapping[str, Any]:

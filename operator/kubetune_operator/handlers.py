@@ -82,7 +82,7 @@ def _reconcile(
     name: str | None,
     *,
     ensure_all: bool = False,
-    retry_when_blocked: bool = False,
+    may_retry: bool = False,
 ) -> None:
     if not namespace or not name:  # FineTuneJobs, Jobs and Pods are all namespaced and named
         return
@@ -102,9 +102,14 @@ def _reconcile(
         return
     metrics.phases.set(namespace, name, outcome.after.phase)
     _announce(metrics, outcome)
-    if outcome.blocked and retry_when_blocked:
+    if not may_retry:
+        return
+    if outcome.blocked:
         # Nothing we watch announces the end of another owner's garbage collection: retry.
         raise kopf.TemporaryError(f"waiting for {', '.join(outcome.blocked)} to be deleted", delay=5)
+    if outcome.invalid_spec:
+        # Retried (kopf posts the error as a Warning Event): an upgraded operator picks the job up.
+        raise kopf.TemporaryError(outcome.invalid_spec, delay=60)
 
 
 def _announce(metrics: Metrics, outcome: Outcome) -> None:
@@ -125,19 +130,19 @@ def _announce(metrics: Metrics, outcome: Outcome) -> None:
 @kopf.on.create(*FTJ)
 def finetunejob_create(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A new FineTuneJob: create its children and its first status."""
-    _reconcile(memo, "create", namespace, name, retry_when_blocked=True)
+    _reconcile(memo, "create", namespace, name, may_retry=True)
 
 
 @kopf.on.resume(*FTJ)
 def finetunejob_resume(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Operator start: adopt what exists, re-create any missing child, recompute status."""
-    _reconcile(memo, "resume", namespace, name, ensure_all=True, retry_when_blocked=True)
+    _reconcile(memo, "resume", namespace, name, ensure_all=True, may_retry=True)
 
 
 @kopf.on.update(*FTJ, field="spec")
 def finetunejob_update(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
     """suspend or lifecycle edited (the rest of the spec is immutable): align the Job."""
-    _reconcile(memo, "update", namespace, name)
+    _reconcile(memo, "update", namespace, name, may_retry=True)
 
 
 @kopf.on.event(*FTJ)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import certifi
 import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
@@ -24,6 +25,8 @@ from kubetune_api import coordinates
 
 Obj = dict[str, Any]
 JSON_CONTENT: Final = "application/json"
+#: Connection failures (an API server restarting) are retried; a request that reached it never is.
+_RETRIES: Final = urllib3.Retry(total=3, connect=3, read=0, redirect=0, status=0, other=0, backoff_factor=0.2)
 MERGE_PATCH: Final = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH: Final = "application/strategic-merge-patch+json"
 
@@ -112,7 +115,8 @@ class Kube:
         self.timeout = timeout
         tls: dict[str, Any] = {
             "cert_reqs": "CERT_REQUIRED" if configuration.verify_ssl else "CERT_NONE",
-            "ca_certs": configuration.ssl_ca_cert,
+            # As the kubernetes client does: without a cluster CA, the public CAs (a managed API server).
+            "ca_certs": configuration.ssl_ca_cert or certifi.where(),
             "cert_file": configuration.cert_file,
             "key_file": configuration.key_file,
         }
@@ -171,7 +175,7 @@ class Kube:
             body=data,
             headers=headers,
             timeout=timeout or self.timeout,
-            retries=False,
+            retries=_RETRIES,
         )
         text = response.data.decode(errors="replace")
         if not 200 <= response.status <= 299:

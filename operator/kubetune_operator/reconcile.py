@@ -8,6 +8,7 @@ any replica, before or after a restart.
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -18,6 +19,8 @@ from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase
 
 from . import builders, names, status
 from .kube import FINETUNEJOBS, JOBS, PODS, Kube
+
+log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
@@ -33,6 +36,8 @@ class Outcome:
     created: tuple[str, ...] = ()
     #: Children whose names are held by objects of another owner (the Job waits for them).
     blocked: tuple[str, ...] = ()
+    #: Why the spec does not parse with the API types (nothing was built from it).
+    invalid_spec: str | None = None
 
 
 def _verdict_of(previous: Mapping[str, Any]) -> status.Verdict | None:
@@ -134,6 +139,7 @@ class Reconciler:
                     job = self.align_job(ftj, job)
             except builders.InvalidSpecError as err:
                 invalid = f"the spec does not parse with this operator's API types: {err}"
+                log.warning("%s/%s: %s", namespace, name, invalid)
             pods: list[Obj] = []
             if job is not None:
                 selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
@@ -145,4 +151,4 @@ class Reconciler:
             after = status.Verdict(
                 Phase(desired["phase"]), desired.get("reason", ""), desired.get("message", "")
             )
-            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created, blocked)
+            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created, blocked, invalid)

@@ -22,17 +22,11 @@ from . import names
 Obj = dict[str, Any]
 Body = Mapping[str, Any]
 
-#: Container waiting reasons worth surfacing while the pod is pending.
+#: Container waiting reasons worth surfacing while the pod is pending: the kubelet's warnings.
 WAITING_REASONS: Final = frozenset(
-    {
-        Reason.IMAGE_PULL_BACK_OFF,
-        Reason.ERR_IMAGE_PULL,
-        Reason.INVALID_IMAGE_NAME,
-        Reason.ERR_IMAGE_NEVER_PULL,
-        Reason.CREATE_CONTAINER_CONFIG_ERROR,
-        Reason.CREATE_CONTAINER_ERROR,
-        Reason.RUN_CONTAINER_ERROR,
-    }
+    reason
+    for reason in Reason
+    if reason.source == "kubelet" and reason.warning and Phase.PENDING in reason.phases
 )
 
 
@@ -216,10 +210,11 @@ def verdict(
     previous = ftj.get("status") or {}
     if job is None:
         if invalid_spec is not None and previous.get("phase") not in TERMINAL_PHASES:
-            return Verdict(Phase.FAILED, Reason.INVALID_SPEC, invalid_spec)
+            return Verdict(Phase.PENDING, Reason.INVALID_SPEC, invalid_spec)
         return _verdict_without_job(previous, blocked)
     if _job_condition(job, "Complete", "SuccessCriteriaMet"):
-        pod = _latest_terminated(_in_phase(pods, "Succeeded"))
+        # Pods being deleted count here (the Job's TTL deletes them): their summary is the result.
+        pod = _latest_terminated([p for p in pods if p.get("status", {}).get("phase") == "Succeeded"])
         summary = ((pod and _terminated(pod)) or {}).get("message") or ""
         return Verdict(Phase.SUCCEEDED, Reason.COMPLETED, summary.strip() or "training completed")
     if _job_condition(job, "Failed", "FailureTarget"):
@@ -261,12 +256,25 @@ def condition_reason(reason: str, fallback: str) -> str:
     return cleaned[:1024]
 
 
-#: The phases that make each condition True, and the reason of the False condition.
-_CONDITION_PHASES: Final = {
-    ConditionType.RUNNING: ((Phase.RUNNING,), Reason.NOT_RUNNING),
-    ConditionType.SUSPENDED: ((Phase.SUSPENDED, Phase.QUEUED), Reason.NOT_SUSPENDED),
-    ConditionType.SUCCEEDED: ((Phase.SUCCEEDED,), Reason.NOT_SUCCEEDED),
-    ConditionType.FAILED: ((Phase.FAILED,), Reason.NOT_FAILED),
+#: The phases that make each condition True.
+_TRUE_IN: Final = {
+    ConditionType.RUNNING: (Phase.RUNNING,),
+    ConditionType.SUSPENDED: (Phase.SUSPENDED, Phase.QUEUED),
+    ConditionType.SUCCEEDED: (Phase.SUCCEEDED,),
+    ConditionType.FAILED: (Phase.FAILED,),
+}
+#: Why Running is False, by phase (the other conditions' False reasons are ``Not<Type>``).
+_NOT_RUNNING: Final = {
+    Phase.PENDING: Reason.NOT_STARTED,
+    Phase.QUEUED: Reason.IN_QUEUE,
+    Phase.SUSPENDED: Reason.SUSPENDED,
+    Phase.SUCCEEDED: Reason.FINISHED,
+    Phase.FAILED: Reason.FINISHED,
+}
+_NOT: Final = {
+    ConditionType.SUSPENDED: Reason.NOT_SUSPENDED,
+    ConditionType.SUCCEEDED: Reason.NOT_SUCCEEDED,
+    ConditionType.FAILED: Reason.NOT_FAILED,
 }
 
 
@@ -277,10 +285,11 @@ def _wanted_conditions(verdict_: Verdict, created: bool) -> dict[ConditionType, 
     else:
         reason = verdict_.reason or Reason.CREATING
         wanted = {ConditionType.CREATED: (False, reason, "the trainer Job does not exist yet")}
-    for kind, (phases, false_reason) in _CONDITION_PHASES.items():
+    for kind, phases in _TRUE_IN.items():
         if verdict_.phase in phases:
             wanted[kind] = (True, verdict_.reason, verdict_.message)
         else:
+            false_reason = _NOT_RUNNING[verdict_.phase] if kind == ConditionType.RUNNING else _NOT[kind]
             wanted[kind] = (False, str(false_reason), f"phase is {verdict_.phase}")
     return wanted
 

@@ -90,7 +90,7 @@ SAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
                 "observedGeneration": 1,
                 "progressSummary": "120/500",
                 "progress": {"step": 120, "totalSteps": 500, "loss": 1.25},
-                "conditions": [cond("Running", "True", "PodRunning")],
+                "conditions": [cond("Running", "True", "Training")],
             }
         ),
         "Progressing",
@@ -109,7 +109,7 @@ SAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
                 "phase": "Succeeded",
                 "observedGeneration": 1,
                 "outputURI": "s3://adapters/demo",
-                "conditions": [cond("Succeeded", "True", "TrainingComplete")],
+                "conditions": [cond("Succeeded", "True", "Completed")],
             }
         ),
         "Healthy",
@@ -121,11 +121,11 @@ SAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
             {
                 "phase": "Running",
                 "observedGeneration": 1,
-                "conditions": [cond("Succeeded", "True", "Done", "ok")],
+                "conditions": [cond("Succeeded", "True", "Completed", "ok")],
             }
         ),
         "Healthy",
-        "Done: ok",
+        "Completed: ok",
     ),
     (
         "failed with condition",
@@ -170,11 +170,11 @@ SAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
             {
                 "phase": "Suspended",
                 "observedGeneration": 1,
-                "conditions": [cond("Suspended", "True", "SuspendedByUser", "spec.suspend is true")],
+                "conditions": [cond("Suspended", "True", "Suspended", "spec.suspend is true")],
             }
         ),
         "Suspended",
-        "SuspendedByUser: spec.suspend is true",
+        "Suspended: spec.suspend is true",
     ),
     (
         "false conditions do not count",

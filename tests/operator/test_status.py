@@ -302,3 +302,42 @@ def test_children_held_by_another_owner(make_ftj: Any) -> None:
     result = status.compute(make_ftj(), None, [], NOW, blocked=["ConfigMap demo-config"])
     assert (result["phase"], result["reason"]) == ("Pending", "WaitingForCleanup")
     assert "ConfigMap demo-config" in result["message"]
+
+
+def test_summary_of_a_pod_being_deleted_is_still_the_result(make_ftj: Any) -> None:
+    """The Job's TTL deletes the pods while the Job still stands: their summary is the result."""
+    ftj = make_ftj()
+    pod = _pod("Succeeded", terminated=_terminated(0, "Completed", '{"trainLoss": 1.0}'))
+    pod["metadata"]["deletionTimestamp"] = "2025-06-01T11:59:30Z"
+    job = _job(ftj, succeeded=1, conditions=[_cond("Complete")])
+    assert status.compute(ftj, job, [pod], NOW)["message"] == '{"trainLoss": 1.0}'
+
+
+@pytest.mark.parametrize(
+    ("phase_of", "reason"),
+    [("pending", "Pending"), ("queued", "Queued"), ("suspended", "Suspended"), ("succeeded", "Finished")],
+)
+def test_running_false_says_why_by_phase(make_ftj: Any, phase_of: str, reason: str) -> None:
+    specs: dict[str, Obj] = {
+        "pending": {},
+        "queued": {"scheduling": {"queueName": "q"}},
+        "suspended": {"suspend": True},
+    }
+    ftj = make_ftj(**specs.get(phase_of, {}))
+    if phase_of == "succeeded":
+        job = _job(ftj, succeeded=1, conditions=[_cond("Complete")])
+    else:
+        job = _job(ftj, suspend=phase_of != "pending")
+    result = status.compute(ftj, job, [], NOW)
+    running = next(c for c in result["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", reason)
+
+
+def test_a_spec_that_does_not_parse_waits_with_the_field_named(make_ftj: Any) -> None:
+    ftj = make_ftj(training={"stepsPerMoon": 3})
+    with pytest.raises(builders.InvalidSpecError) as caught:
+        builders.job(ftj, IMAGE)
+    assert str(caught.value).startswith("training.stepsPerMoon: Extra inputs are not permitted")
+    result = status.compute(ftj, None, [], NOW, invalid_spec=str(caught.value))
+    assert (result["phase"], result["reason"]) == ("Pending", "InvalidSpec")
+    assert "training.stepsPerMoon" in result["message"]

@@ -72,3 +72,18 @@ def test_fingerprint_ignores_connection_and_reporting_settings(trainer_run: Trai
     retuned = base.model_copy(update={"training": base.training.model_copy(update={"learning_rate": 0.5})})
     assert moved.fingerprint() == base.fingerprint()
     assert retuned.fingerprint() != base.fingerprint()
+
+
+def test_fingerprint_is_stable_across_releases() -> None:
+    """Pinned: every marker and manifest records it, so a change makes all existing output foreign.
+
+    Fields at their defaults are left out, so adding a defaulted API field keeps this value.
+    """
+    config = TrainerConfig.model_validate(
+        {
+            "model": {"source": "s3://models/base"},
+            "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/run"},
+        }
+    )
+    assert config.fingerprint() == "b4d177ab2675f4954d35e2c14ad27350d1a626fa523bfc91a1276800366da0b0"

@@ -25,6 +25,12 @@ def test_every_training_field_is_passed_or_translated() -> None:
     )
 
 
+def test_the_translations_set_exactly_the_arguments_they_declare() -> None:
+    declared = {argument for arguments in sft.TRANSLATED.values() for argument in arguments}
+    assert set(sft.translated(TrainingSpec(), CPU_PLAN)) == declared
+    assert declared <= sft.sft_fields()
+
+
 def test_a_new_same_named_field_needs_no_glue() -> None:
     """What adding e.g. training.adamBeta2 to the model would do: SFTConfig gets it as it is."""
 

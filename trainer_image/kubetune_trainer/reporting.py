@@ -21,6 +21,8 @@ from kubetune_api.status import Progress, rfc3339
 from kubetune_api.trainer import ReportingSpec
 
 log = logging.getLogger(__name__)
+#: The keys of status.progress (the API type's wire names).
+PROGRESS_FIELDS = frozenset(info.alias or name for name, info in Progress.model_fields.items())
 
 #: Connect/read timeout of one status patch, in seconds.
 PATCH_TIMEOUT_SECONDS = (3.0, 5.0)
@@ -105,16 +107,20 @@ class ProgressReporter:
     last_sent: float | None = None
     failed_once: bool = False
     latest: dict[str, Any] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
 
     def update(self, progress: dict[str, Any], *, force: bool = False) -> bool:
         """Merge ``progress`` into the latest state; send it if due. Returns True if sent."""
-        self.latest.update({k: v for k, v in progress.items() if v is not None})
+        unknown = set(progress) - PROGRESS_FIELDS - self.dropped
+        if unknown:  # a field status.progress does not have: dropped (once logged), the rest is sent
+            log.warning("progress: status.progress has no field %s; not reported", ", ".join(sorted(unknown)))
+            self.dropped |= unknown
+        self.latest.update({k: v for k, v in progress.items() if v is not None and k in PROGRESS_FIELDS})
         now = self.clock()
         if not force and self.last_sent is not None and now - self.last_sent < self.interval:
             return False
         self.last_sent = now
         try:
-            # Through the API type, so a field the CRD does not know never reaches status.
             body = Progress.model_validate({**self.latest, "updateTime": rfc3339()})
             self.send(body.model_dump(mode="json", by_alias=True, exclude_none=True))
         except Exception as exc:  # reporting must never fail training

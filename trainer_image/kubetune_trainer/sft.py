@@ -24,13 +24,14 @@ from .formats import split_last_assistant_turn
 
 log = logging.getLogger(__name__)
 
-#: ``training`` fields that reach SFTConfig under another name, or through a decision.
+#: ``training`` fields that reach SFTConfig under another name, or through a decision for the
+#: hardware: the field -> the SFTConfig arguments :func:`translated` sets from it.
 TRANSLATED: Final = {
-    "max_seq_length": "max_length",
-    "warmup_ratio": "warmup_steps",  # transformers 5: a warmup_steps below 1 is a ratio
-    "warmup_steps": "warmup_steps",
-    "precision": "bf16 / fp16, resolved for the hardware (hardware.choose_precision)",
-    "gradient_checkpointing": "activation_checkpointing, resolved for the hardware (on for GPUs)",
+    "max_seq_length": ("max_length",),
+    "warmup_ratio": ("warmup_steps",),  # transformers 5: a warmup_steps below 1 is a ratio
+    "warmup_steps": ("warmup_steps",),
+    "precision": ("bf16", "fp16"),  # resolved by hardware.choose_precision
+    "gradient_checkpointing": ("activation_checkpointing",),  # resolved: on for GPUs, off on CPU
 }
 
 
