@@ -344,7 +344,8 @@ class LocalObjectReference(ApiModel):
 
 
 class LifecycleSpec(ApiModel):
-    """Limits of the run. Editable at any time; applied to the Job."""
+    """Limits of the run. Editable at any time and applied to the Job, except
+    terminationGracePeriodSeconds (part of the pod)."""
 
     backoff_limit: int = Field(default=3, ge=0, le=100)
     """Retries of a failed trainer pod before the job fails. Node disruptions do not count, invalid
@@ -354,6 +355,11 @@ class LifecycleSpec(ApiModel):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the finished Job (and its pods) this many seconds after it ends. The FineTuneJob and
     its status stay."""
+    termination_grace_period_seconds: int = Field(
+        default=300, ge=0, le=86400, json_schema_extra=immutable("lifecycle.terminationGracePeriodSeconds")
+    )
+    """Seconds a stopping trainer pod (suspend, preemption, drain, eviction) gets between SIGTERM
+    and SIGKILL: enough to finish the step and save and upload one checkpoint."""
 
 
 def _has_eval_data(dataset: DatasetSpec) -> bool:

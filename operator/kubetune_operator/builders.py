@@ -250,6 +250,8 @@ def pod_template(ftj: Body, image: str) -> Obj:
     name = _meta(ftj)["name"]
     pod_spec: Obj = {
         "restartPolicy": "Never",
+        # The trainer saves and uploads a checkpoint on SIGTERM: Kubernetes' 30 s is too short.
+        "terminationGracePeriodSeconds": spec.lifecycle.termination_grace_period_seconds,
         "serviceAccountName": names.service_account_name(name),
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,

@@ -164,6 +164,18 @@ def test_job_failure_policy_and_lifecycle(make_ftj: Any) -> None:
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
 
 
+def test_pod_gets_time_to_save_a_checkpoint_on_sigterm(make_ftj: Any) -> None:
+    pod = builders.job(make_ftj(), TRAINER_IMAGE)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    longer = make_ftj(lifecycle={"terminationGracePeriodSeconds": 1800})
+    assert (
+        builders.job(longer, TRAINER_IMAGE)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 1800
+    )
+    # Part of the pod template, which a Job cannot change: never in the Job patch.
+    assert builders.job_patch(longer, builders.job(make_ftj(), TRAINER_IMAGE)) is None
+
+
 def test_defaults_leave_optional_limits_unset(make_ftj: Any) -> None:
     spec = builders.job(make_ftj(), TRAINER_IMAGE)["spec"]
     assert spec["backoffLimit"] == 3

@@ -31,6 +31,18 @@ def test_jsonl_records_keep_their_line_numbers(tmp_path: Path) -> None:
     assert result.problems == []
 
 
+def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+0085 and friends raw: JSONL lines end at \\n only."""
+    texts = ["a\u2028b", "c\x85d", "e\x1cf\x0cg"]
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    path = _write(tmp_path, "train.jsonl", "\r\n".join(lines) + "\n")
+    result = read_records(path)
+    assert result.problems == []
+    assert [(r.where, r.data["text"]) for r in result.records] == [
+        (f"train.jsonl line {n}", text) for n, text in enumerate(texts, start=1)
+    ]
+
+
 def test_json_array_elements_keep_their_line_numbers(tmp_path: Path) -> None:
     path = _write(tmp_path, "train.json", '[\n  {"text": "a"},\n\n  {"text": "b"}\n]\n')
     result = read_records(path)

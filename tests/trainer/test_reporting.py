@@ -106,3 +106,40 @@ def test_status_patcher_writes_progress_to_the_real_apiserver(
     assert progress["loss"] == 1.25
     assert progress["lastCheckpoint"].endswith("step-4")
     assert progress["updateTime"].endswith("Z")
+
+
+def test_rates_count_only_the_time_spent_in_steps() -> None:
+    from kubetune_trainer.reporting import TrainingRates
+
+    clock = Clock()
+    rates = TrainingRates(clock=clock)
+    rates.begin(step=0, tokens=0)
+    for _ in range(4):  # 4 steps of 2 s, each followed by a 30 s evaluation or checkpoint upload
+        rates.step_begin()
+        clock.now += 2
+        rates.step_end()
+        clock.now += 30
+    assert rates.rates(step=4, max_steps=10, tokens=800) == {"tokensPerSecond": 100.0, "etaSeconds": 12}
+    assert TrainingRates(clock=clock).rates(step=0, max_steps=10, tokens=0) == {
+        "tokensPerSecond": None,
+        "etaSeconds": None,
+    }
+
+
+def test_the_final_evaluation_is_reported_even_right_after_a_log() -> None:
+    from types import SimpleNamespace
+
+    from kubetune_trainer.reporting import make_progress_callback
+
+    sent: list[dict[str, Any]] = []
+    clock = Clock()
+    reporter = ProgressReporter(send=sent.append, interval=60.0, clock=clock)
+    callback = make_progress_callback(reporter, lambda: None)
+    state = SimpleNamespace(
+        global_step=10, max_steps=10, epoch=1.0, num_input_tokens_seen=0, is_world_process_zero=True
+    )
+    callback.on_train_begin(None, state, None)
+    callback.on_log(None, state, None, logs={"loss": 1.5})  # within the interval: not sent
+    callback.on_evaluate(None, state, None, metrics={"eval_loss": 1.23456})
+    assert sent[-1]["evalLoss"] == 1.2346
+    assert sent[-1]["loss"] == 1.5

@@ -52,7 +52,9 @@ def _decode_utf8(name: str, raw: bytes) -> str:
 
 def _json_lines(name: str, text: str) -> ReadResult:
     result = ReadResult()
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c..., which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings. A trailing "\r" is JSON whitespace.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{name} line {number}"

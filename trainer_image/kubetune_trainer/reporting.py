@@ -131,51 +131,84 @@ class ProgressReporter:
         return True
 
 
+@dataclass
+class TrainingRates:
+    """Tokens/s and ETA over the time spent in optimizer steps only.
+
+    Evaluation and checkpoint uploads happen between steps; counting them would make an early
+    evaluation or a large upload look like slow training, and skew the ETA.
+    """
+
+    clock: Callable[[], float] = time.monotonic
+    start_step: int = 0
+    start_tokens: int = 0
+    training_seconds: float = 0.0
+    _step_started: float | None = None
+
+    def begin(self, step: int, tokens: int) -> None:
+        self.start_step, self.start_tokens, self.training_seconds = step, tokens, 0.0
+
+    def step_begin(self) -> None:
+        self._step_started = self.clock()
+
+    def step_end(self) -> None:
+        if self._step_started is not None:
+            self.training_seconds += self.clock() - self._step_started
+            self._step_started = None
+
+    def rates(self, step: int, max_steps: int, tokens: int) -> dict[str, Any]:
+        steps, seconds = step - self.start_step, self.training_seconds
+        if steps <= 0 or seconds <= 0:
+            return {"tokensPerSecond": None, "etaSeconds": None}
+        new_tokens = tokens - self.start_tokens
+        return {
+            "tokensPerSecond": round(new_tokens / seconds, 2) if new_tokens else None,
+            "etaSeconds": round((max_steps - step) * seconds / steps),
+        }
+
+
 def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable[[], str | None]) -> Any:
-    """A TrainerCallback feeding ``reporter`` from the Trainer's logs."""
+    """A TrainerCallback feeding ``reporter`` from the Trainer's logs (rank 0 reports)."""
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
         def __init__(self) -> None:
-            self.start_time = time.monotonic()
-            self.start_step = 0
-            self.start_tokens = 0
+            self.timing = TrainingRates()
+
+        def _rates(self, state: Any) -> dict[str, Any]:
+            return self.timing.rates(state.global_step, state.max_steps, state.num_input_tokens_seen or 0)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            self.start_time = time.monotonic()
-            self.start_step = state.global_step
-            self.start_tokens = state.num_input_tokens_seen or 0
+            self.timing.begin(state.global_step, state.num_input_tokens_seen or 0)
             if state.is_world_process_zero:
                 reporter.update({"step": state.global_step, "totalSteps": state.max_steps}, force=True)
             return control
 
-        def _rates(self, state: Any) -> dict[str, Any]:
-            elapsed = max(time.monotonic() - self.start_time, 1e-6)
-            steps = state.global_step - self.start_step
-            tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
-            eta = (state.max_steps - state.global_step) * elapsed / steps if steps > 0 else None
-            return {
-                "tokensPerSecond": round(tokens / elapsed, 2) if tokens else None,
-                "etaSeconds": round(eta) if eta is not None else None,
-            }
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            self.timing.step_begin()
+            return control
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            self.timing.step_end()
+            return control
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
-            if not state.is_world_process_zero:
-                return control
-            logs = logs or {}
-            reporter.update(
-                {
-                    "step": state.global_step,
-                    "totalSteps": state.max_steps,
-                    "epoch": round(float(state.epoch or 0.0), 4),
-                    # Rounded: status is read by people (the Loss printer column), not to resume.
-                    "loss": _rounded(logs.get("loss"), 4),
-                    "evalLoss": _rounded(logs.get("eval_loss"), 4),
-                    "learningRate": _significant(logs.get("learning_rate"), 4),
-                    "lastCheckpoint": last_checkpoint(),
-                    **self._rates(state),
-                }
-            )
+            if state.is_world_process_zero:
+                reporter.update(
+                    {
+                        **progress_of(state, logs or {}),
+                        "lastCheckpoint": last_checkpoint(),
+                        **self._rates(state),
+                    }
+                )
+            return control
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> Any:
+            # Forced: the final evaluation comes right after the last log and would be rate-limited away.
+            if state.is_world_process_zero and metrics and "eval_loss" in metrics:
+                reporter.update(
+                    {"step": state.global_step, "evalLoss": _rounded(metrics["eval_loss"], 4)}, force=True
+                )
             return control
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -189,6 +222,19 @@ def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable
             return control
 
     return ProgressCallback()
+
+
+def progress_of(state: Any, logs: dict[str, Any]) -> dict[str, Any]:
+    """status.progress fields from the Trainer's state and one log entry."""
+    return {
+        "step": state.global_step,
+        "totalSteps": state.max_steps,
+        "epoch": round(float(state.epoch or 0.0), 4),
+        # Rounded: status is read by people (the Loss printer column), not to resume.
+        "loss": _rounded(logs.get("loss"), 4),
+        "evalLoss": _rounded(logs.get("eval_loss"), 4),
+        "learningRate": _significant(logs.get("learning_rate"), 4),
+    }
 
 
 def _rounded(value: Any, digits: int) -> float | None:
