@@ -107,6 +107,13 @@ class Reason(StrEnum):
         "kubetune",
         P,
     )
+    CREATE_REFUSED = (
+        "CreateRefused",
+        "the API server refused a child (an invalid field, a quota, an admission policy); retried",
+        True,
+        "kubetune",
+        P,
+    )
     UNSCHEDULABLE = "Unschedulable", "no node fits the trainer pod yet", False, "scheduler", P
     IMAGE_PULL_BACK_OFF = "ImagePullBackOff", "the trainer image cannot be pulled", True, "kubelet", P
     ERR_IMAGE_PULL = "ErrImagePull", "pulling the trainer image failed", True, "kubelet", P

@@ -24,11 +24,12 @@
 -- ends, so a sync wave after it only starts once the adapter has been written.
 
 -- The warning reasons of a job that has not ended (kubetune_api.reasons: warning, phase Pending):
--- the trainer pod cannot start until someone fixes the image or a Secret reference (or upgrades
--- an operator older than its CRD: InvalidSpec).
+-- the trainer pod cannot start until someone fixes the image or a Secret reference, raises a
+-- quota (CreateRefused), or upgrades an operator older than its CRD (InvalidSpec).
 -- tests/chart/test_argocd_health.py fails when this list and the enum differ.
 local NEEDS_A_HUMAN = {
   CreateContainerConfigError = true,
+  CreateRefused = true,
   CreateContainerError = true,
   ErrImageNeverPull = true,
   ErrImagePull = true,

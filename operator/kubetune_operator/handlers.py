@@ -29,6 +29,8 @@ from .settings import OperatorConfig, configure, from_env
 
 FTJ = (coordinates.GROUP, coordinates.VERSION, coordinates.PLURAL)
 _EVENT_MESSAGE_LIMIT = 1000
+#: How soon a held FineTuneJob (a spec that does not parse, a refused child) is tried again.
+HOLD_RETRY_SECONDS = 20
 
 
 @kopf.on.login()
@@ -107,9 +109,9 @@ def _reconcile(
     if outcome.blocked:
         # Nothing we watch announces the end of another owner's garbage collection: retry.
         raise kopf.TemporaryError(f"waiting for {', '.join(outcome.blocked)} to be deleted", delay=5)
-    if outcome.invalid_spec:
-        # Retried (kopf posts the error as a Warning Event): an upgraded operator picks the job up.
-        raise kopf.TemporaryError(outcome.invalid_spec, delay=60)
+    if outcome.hold is not None:
+        # Retried (kopf posts the error as a Warning Event): a raised quota, an upgraded operator...
+        raise kopf.TemporaryError(f"{outcome.hold.reason}: {outcome.hold.message}", delay=HOLD_RETRY_SECONDS)
 
 
 def _announce(metrics: Metrics, outcome: Outcome) -> None:

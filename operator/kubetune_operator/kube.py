@@ -77,6 +77,8 @@ class KubeError(RuntimeError):
 
     def __init__(self, status: int, method: str, path: str, body: str) -> None:
         self.status = status
+        self.method = method
+        self.path = path
         self.body = body
         try:
             detail = json.loads(body)
@@ -221,7 +223,10 @@ class Kube:
 
     def create(self, obj: Mapping[str, Any]) -> Obj:
         meta = obj["metadata"]
-        return self.request("POST", resource_of(obj).path(meta["namespace"]), dict(obj))
+        # Strict: a field the API server does not know (a typo inside a passed-through affinity)
+        # is refused, not silently dropped.
+        params = {"fieldValidation": "Strict"}
+        return self.request("POST", resource_of(obj).path(meta["namespace"]), dict(obj), params=params)
 
     def ensure(self, obj: Mapping[str, Any]) -> tuple[Obj, bool]:
         """Create ``obj`` unless an object of that name exists; (the object, whether it was created).

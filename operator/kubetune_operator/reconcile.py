@@ -15,12 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase
+from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase, Reason
 
 from . import builders, names, status
-from .kube import FINETUNEJOBS, JOBS, PODS, Kube
+from .kube import FINETUNEJOBS, JOBS, PODS, Kube, KubeError
 
 log = logging.getLogger(__name__)
+#: Answers that refuse a child for a reason the user (or an admin) must fix: bad request (strict
+#: field validation), forbidden (a quota, RBAC, an admission policy), invalid.
+REFUSALS = frozenset({400, 403, 422})
 
 Obj = dict[str, Any]
 
@@ -36,8 +39,8 @@ class Outcome:
     created: tuple[str, ...] = ()
     #: Children whose names are held by objects of another owner (the Job waits for them).
     blocked: tuple[str, ...] = ()
-    #: Why the spec does not parse with the API types (nothing was built from it).
-    invalid_spec: str | None = None
+    #: Why the children could not be created this time (the spec, or the API server's refusal).
+    hold: status.Hold | None = None
 
 
 def _verdict_of(previous: Mapping[str, Any]) -> status.Verdict | None:
@@ -111,6 +114,33 @@ class Reconciler:
         meta = job["metadata"]
         return self.kube.patch(JOBS, meta["namespace"], meta["name"], patch)
 
+    def bring_children(
+        self, ftj: Mapping[str, Any], job: Obj | None, *, ensure_all: bool
+    ) -> tuple[Obj | None, tuple[str, ...], tuple[str, ...], status.Hold | None]:
+        """Create the children if they were never created (or, with ``ensure_all``, any that are
+        missing) and align the Job; (the Job, kinds created, names blocked, why it is held)."""
+        created: tuple[str, ...] = ()
+        blocked: tuple[str, ...] = ()
+        may_create = (ftj.get("status") or {}).get("phase") not in TERMINAL_PHASES
+        try:
+            if (job is None and not _created_before(ftj)) or (ensure_all and job is not None and may_create):
+                job, created, blocked = self.ensure_children(ftj)
+            if job is not None:
+                job = self.align_job(ftj, job)
+        except builders.InvalidSpecError as err:
+            return job, created, blocked, status.Hold(Reason.INVALID_SPEC, f"the spec does not parse: {err}")
+        except KubeError as err:
+            if err.status not in REFUSALS:
+                raise
+            # An invalid field (strict validation), a quota, an admission webhook: the answer says what.
+            return (
+                job,
+                created,
+                blocked,
+                status.Hold(Reason.CREATE_REFUSED, f"{err.method} {err.path}: {err.message}"),
+            )
+        return job, created, blocked, None
+
     def sync(self, namespace: str, name: str, *, ensure_all: bool = False) -> Outcome | None:
         """Bring one FineTuneJob's children and status in line with reality.
 
@@ -126,29 +156,18 @@ class Reconciler:
             job = self.kube.get(JOBS, namespace, names.job_name(name))
             if job is not None and not _owned_by(job, ftj):
                 job = None  # a same-named Job of a deleted FineTuneJob, still being collected
-            created: tuple[str, ...] = ()
-            blocked: tuple[str, ...] = ()
-            invalid: str | None = None
-            may_create = previous.get("phase") not in TERMINAL_PHASES
-            try:
-                if (job is None and not _created_before(ftj)) or (
-                    ensure_all and job is not None and may_create
-                ):
-                    job, created, blocked = self.ensure_children(ftj)
-                if job is not None:
-                    job = self.align_job(ftj, job)
-            except builders.InvalidSpecError as err:
-                invalid = f"the spec does not parse with this operator's API types: {err}"
-                log.warning("%s/%s: %s", namespace, name, invalid)
+            job, created, blocked, hold = self.bring_children(ftj, job, ensure_all=ensure_all)
+            if hold is not None:
+                log.warning("%s/%s: %s: %s", namespace, name, hold.reason, hold.message)
             pods: list[Obj] = []
             if job is not None:
                 selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
                 pods = self.kube.list(PODS, namespace, selector)
-            desired = status.compute(ftj, job, pods, self.clock(), blocked=blocked, invalid_spec=invalid)
+            desired = status.compute(ftj, job, pods, self.clock(), blocked=blocked, hold=hold)
             patch = status.patch(previous, desired)
             if patch is not None:
                 ftj = self.kube.patch(FINETUNEJOBS, namespace, name, {"status": patch}, "status")
             after = status.Verdict(
                 Phase(desired["phase"]), desired.get("reason", ""), desired.get("message", "")
             )
-            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created, blocked, invalid)
+            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created, blocked, hold)

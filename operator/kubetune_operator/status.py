@@ -31,6 +31,14 @@ WAITING_REASONS: Final = frozenset(
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Why the operator could not create the children this time (the spec, or the API server's refusal)."""
+
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The phase with its reason and human message (``reason`` may be a kubelet's, passed on)."""
 
@@ -200,17 +208,17 @@ def verdict(
     job: Body | None,
     pods: Sequence[Body],
     blocked: Sequence[str] = (),
-    invalid_spec: str | None = None,
+    hold: Hold | None = None,
 ) -> Verdict:
     """The phase, from the Job's conditions and the Pods' states.
 
     The previous status matters only once the Job is gone (e.g. deleted by its TTL).
-    ``invalid_spec`` is the parse error of a spec the operator cannot build children from.
+    ``hold`` says why the children could not be created (the job waits, and is retried).
     """
     previous = ftj.get("status") or {}
     if job is None:
-        if invalid_spec is not None and previous.get("phase") not in TERMINAL_PHASES:
-            return Verdict(Phase.PENDING, Reason.INVALID_SPEC, invalid_spec)
+        if hold is not None and previous.get("phase") not in TERMINAL_PHASES:
+            return Verdict(Phase.PENDING, hold.reason, hold.message)
         return _verdict_without_job(previous, blocked)
     if _job_condition(job, "Complete", "SuccessCriteriaMet"):
         # Pods being deleted count here (the Job's TTL deletes them): their summary is the result.
@@ -359,17 +367,17 @@ def compute(
     now: datetime.datetime,
     *,
     blocked: Sequence[str] = (),
-    invalid_spec: str | None = None,
+    hold: Hold | None = None,
 ) -> Obj:
     """The operator-owned status fields (``kubetune_api.status.OPERATOR_FIELDS``); absent keys mean "unset".
 
     ``blocked`` names children whose names are still held by another owner's objects;
-    ``invalid_spec`` is the error of a spec that does not parse (no children are built from it).
+    ``hold`` says why the children could not be created (a spec that does not parse, a refusal).
     """
     spec = ftj.get("spec", {})
     meta = ftj.get("metadata", {})
     previous: Mapping[str, Any] = ftj.get("status") or {}
-    result = verdict(ftj, job, pods, blocked, invalid_spec)
+    result = verdict(ftj, job, pods, blocked, hold)
     generation = int(meta.get("generation") or 0)
     ended_without_job = job is None and previous.get("phase") in TERMINAL_PHASES
     created = job is not None or ended_without_job or _condition_true(previous, ConditionType.CREATED)

@@ -322,3 +322,39 @@ def test_names_held_by_another_owner_delay_the_job(operator: Any, harness: Any) 
     harness.wait_for(
         "the Created condition", lambda: _conditions(harness.status("held")).get("Created") == "True"
     )
+
+
+def test_a_typo_in_a_passed_through_field_is_refused_and_named(operator: Any, harness: Any) -> None:
+    """Children are posted with strict field validation: the pod would otherwise run without it."""
+    affinity: Obj = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecutoin": {"nodeSelectorTerms": []}}
+    }
+    harness.create("typo", scheduling={"affinity": affinity})
+    status = harness.wait_phase("typo", "Pending", "CreateRefused")
+    assert "requiredDuringSchedulingIgnoredDuringExecutoin" in status["message"]
+    assert harness.get(JOBS, "typo-trainer") is None
+    harness.wait_for(
+        "a Warning event naming the refusal",
+        lambda: any(
+            e["type"] == "Warning" and "CreateRefused" in e["message"] for e in harness.events("typo")
+        ),
+    )
+
+
+def test_a_quota_refusal_waits_and_the_job_starts_once_it_is_lifted(operator: Any, harness: Any) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-jobs", "namespace": harness.namespace},
+        "spec": {"hard": {"count/jobs.batch": "0"}},
+    }
+    harness.kube.request("POST", f"/api/v1/namespaces/{harness.namespace}/resourcequotas", quota)
+    harness.create("quota")
+    status = harness.wait_phase("quota", "Pending", "CreateRefused")
+    assert "exceeded quota" in status["message"]
+    harness.kube.request("DELETE", f"/api/v1/namespaces/{harness.namespace}/resourcequotas/no-jobs")
+    harness.wait_for("the Job", lambda: harness.get(JOBS, "quota-trainer"), timeout=60)
+    harness.wait_for(
+        "the Created condition", lambda: _conditions(harness.status("quota")).get("Created") == "True"
+    )
+    assert harness.status("quota")["reason"] != "CreateRefused"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_api.reasons import ConditionType
+from kubetune_api.reasons import ConditionType, Reason
 from kubetune_operator import builders, status
 
 Obj = dict[str, Any]
@@ -338,6 +338,6 @@ def test_a_spec_that_does_not_parse_waits_with_the_field_named(make_ftj: Any) ->
     with pytest.raises(builders.InvalidSpecError) as caught:
         builders.job(ftj, IMAGE)
     assert str(caught.value).startswith("training.stepsPerMoon: Extra inputs are not permitted")
-    result = status.compute(ftj, None, [], NOW, invalid_spec=str(caught.value))
+    result = status.compute(ftj, None, [], NOW, hold=status.Hold(Reason.INVALID_SPEC, str(caught.value)))
     assert (result["phase"], result["reason"]) == ("Pending", "InvalidSpec")
     assert "training.stepsPerMoon" in result["message"]
