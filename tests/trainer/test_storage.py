@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +12,7 @@ import pytest
 
 from kubetune_api.spec import StorageSpec
 from kubetune_trainer.checkpoints import MARKER, list_checkpoints, prune, restore_latest, upload_checkpoint
-from kubetune_trainer.errors import ObjectAccessError
+from kubetune_trainer.errors import ObjectAccessError, ObjectDeleteError
 from kubetune_trainer.storage import ObjectStore, join_uri
 
 pytestmark = pytest.mark.s3
@@ -110,3 +113,110 @@ def test_restore_latest_without_checkpoints(store: ObjectStore, bucket: str, tmp
     client: Any = store.client
     client.put_object(Bucket=bucket, Key="out/other/file", Body=b"x")
     assert restore_latest(store, f"s3://{bucket}/out/job", tmp_path) is None
+
+
+# -- deletes the store refuses ---------------------------------------------------
+# A legal hold (S3 object lock) makes versitygw, like AWS, keep an object and report it in
+# DeleteObjects' "Errors" list of an HTTP 200 answer: real per-key errors, no mock.
+
+
+@dataclass
+class LockedBucket:
+    """A bucket with object lock enabled; ``hold(key)`` sets an object's legal hold."""
+
+    s3: Any
+    bucket: str
+    held: set[str] = field(default_factory=set)
+
+    def hold(self, key: str, on: bool = True) -> None:
+        self.s3.put_object_legal_hold(
+            Bucket=self.bucket, Key=key, LegalHold={"Status": "ON" if on else "OFF"}
+        )
+        (self.held.add if on else self.held.discard)(key)
+
+
+@pytest.fixture
+def locked(s3_client: Any) -> Iterator[LockedBucket]:
+    locked = LockedBucket(s3_client, "lk-" + secrets.token_hex(6))
+    s3_client.create_bucket(Bucket=locked.bucket, ObjectLockEnabledForBucket=True)
+    yield locked
+    for key in list(locked.held):  # leave nothing locked behind in the session's server
+        locked.hold(key, on=False)
+
+
+def _keys(s3_client: Any, bucket: str, prefix: str) -> list[str]:
+    return sorted(
+        o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    )
+
+
+def test_delete_folder_raises_for_keys_the_store_kept(
+    store: ObjectStore, s3_client: Any, locked: LockedBucket
+) -> None:
+    bucket = locked.bucket
+    for name in "abcde":
+        s3_client.put_object(Bucket=bucket, Key=f"p/{name}", Body=b"x")
+    locked.hold("p/b")
+    locked.hold("p/d")
+    with pytest.raises(ObjectDeleteError) as info:
+        store.delete_folder(f"s3://{bucket}/p")
+    message = str(info.value)
+    assert message.startswith(
+        f"2 of 5 object(s) under s3://{bucket}/p could not be deleted: p/b (AccessDenied: "
+    )
+    assert "p/d (AccessDenied: " in message
+    assert "object lock" in message  # the store's own reason
+    assert info.value.failed.keys() == {"p/b", "p/d"}
+    assert _keys(s3_client, bucket, "p/") == ["p/b", "p/d"]  # the others are gone
+
+
+def test_delete_folder_retries_keys_the_store_kept(
+    store: ObjectStore, s3_client: Any, locked: LockedBucket
+) -> None:
+    """A key refused once and accepted on the retry: the hold is lifted right after the first answer."""
+    bucket = locked.bucket
+    for name in "abc":
+        s3_client.put_object(Bucket=bucket, Key=f"p/{name}", Body=b"x")
+    locked.hold("p/c")
+    answers: list[list[str]] = []
+
+    def after_delete(http_response: Any, parsed: dict[str, Any], **_: Any) -> None:
+        answers.append([e["Key"] for e in parsed.get("Errors", [])])
+        if len(answers) == 1:
+            locked.hold("p/c", on=False)
+
+    store.client.meta.events.register("after-call.s3.DeleteObjects", after_delete)
+    assert store.delete_folder(f"s3://{bucket}/p") == 3
+    assert answers == [["p/c"], []]
+    assert _keys(s3_client, bucket, "p/") == []
+
+
+def test_a_refused_prune_leaves_training_and_completeness_right(
+    store: ObjectStore, s3_client: Any, locked: LockedBucket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pruning warns and goes on; what it leaves is complete (marker kept) or incomplete, never half."""
+    bucket = locked.bucket
+    out = f"s3://{bucket}/out/job"
+    for step in (2, 4, 6, 8):
+        upload_checkpoint(store, _checkpoint_dir(tmp_path / str(step), step), out, step)
+    locked.hold(f"out/job/checkpoints/step-2/{MARKER}")  # the marker stays: step 2 stays complete
+    locked.hold("out/job/checkpoints/step-4/adapter_model.safetensors")  # marker gone: incomplete
+
+    with caplog.at_level("WARNING", logger="kubetune_trainer.checkpoints"):
+        assert prune(store, out, keep=2) == []
+    assert "could not prune step 2" in caplog.text
+    assert "could not prune step 4" in caplog.text
+    assert "out/job/checkpoints/step-4/adapter_model.safetensors (AccessDenied" in caplog.text
+    complete, incomplete = list_checkpoints(store, out)
+    assert [c.step for c in complete] == [2, 6, 8]
+    assert [c.step for c in incomplete] == [4]
+
+    locked.hold(f"out/job/checkpoints/step-2/{MARKER}", on=False)
+    assert prune(store, out, keep=2) == [2]  # retried at the next save
+    # A restart cannot delete the incomplete step 4 either: it warns and resumes from step 8.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kubetune_trainer.checkpoints"):
+        restored = restore_latest(store, out, tmp_path / "local")
+    assert restored == tmp_path / "local" / "checkpoint-8"
+    assert "could not delete incomplete" in caplog.text
+    assert store.list_folders(join_uri(out, "checkpoints")) == ["step-4", "step-6", "step-8"]

@@ -22,7 +22,7 @@ from typing import Any
 from kubetune_api import wellknown
 
 from . import errors
-from .storage import ObjectStore, join_uri
+from .storage import ObjectStore, failure_types, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,28 @@ def delete_checkpoint(store: ObjectStore, ckpt: RemoteCheckpoint) -> None:
 
 
 def prune(store: ObjectStore, output_uri: str, keep: int | None) -> list[int]:
-    """Keep the ``keep`` newest complete checkpoints; delete the rest. Returns deleted steps."""
+    """Keep the ``keep`` newest complete checkpoints; delete the rest. Returns the deleted steps.
+
+    A checkpoint the store refuses to delete is logged as a warning and left; training goes on.
+    """
     if keep is None:
         return []
     complete, _ = list_checkpoints(store, output_uri)
     doomed = complete[:-keep] if len(complete) > keep else []
+    deleted: list[int] = []
     for ckpt in doomed:
-        delete_checkpoint(store, ckpt)
-    if doomed:
-        log.info("checkpoint: pruned steps %s (saveTotalLimit %d)", [c.step for c in doomed], keep)
-    return [c.step for c in doomed]
+        try:
+            delete_checkpoint(store, ckpt)
+        except failure_types() as exc:
+            # Training goes on: the kept checkpoints are untouched, and the marker goes first, so
+            # a checkpoint this left behind is either still complete (marker kept: pruned again
+            # at the next save) or incomplete (never resumed from; the next start deletes it).
+            log.warning("checkpoint: could not prune step %d, left in storage: %s", ckpt.step, exc)
+            continue
+        deleted.append(ckpt.step)
+    if deleted:
+        log.info("checkpoint: pruned steps %s (saveTotalLimit %d)", deleted, keep)
+    return deleted
 
 
 def _check_owner(store: ObjectStore, ckpt: RemoteCheckpoint, fingerprint: str) -> None:
@@ -121,7 +133,11 @@ def restore_latest(
         _check_owner(store, complete[-1], fingerprint)
     for ckpt in incomplete:
         log.warning("checkpoint: deleting incomplete %s (no %s marker)", ckpt.uri, MARKER)
-        store.delete_folder(ckpt.uri)
+        try:
+            store.delete_folder(ckpt.uri)
+        except failure_types() as exc:
+            # Without its marker it is never resumed from: leftovers are clutter, not a reason to fail.
+            log.warning("checkpoint: could not delete incomplete %s: %s", ckpt.uri, exc)
     if not complete:
         return None
     latest = complete[-1]

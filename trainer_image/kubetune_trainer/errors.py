@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from kubetune_api.exitcodes import ExitCode
 
@@ -41,6 +41,26 @@ class ObjectAccessError(InvalidDataError):
         self.uri = uri
         self.reason = reason
         super().__init__([f"{uri}: {reason}"])
+
+
+class ObjectDeleteError(TrainerError):
+    """Objects under a prefix that the store refused to delete, even after retries.
+
+    Exit code 1 (a crash, retried by the Job): the cause may pass. Callers that can go on
+    without the delete (checkpoint pruning and cleanup) catch it and log a warning.
+    """
+
+    #: How many failed keys the message names.
+    SHOWN = 3
+
+    def __init__(self, prefix_uri: str, failed: Mapping[str, str], total: int) -> None:
+        self.prefix_uri = prefix_uri
+        self.failed = dict(failed)  # key -> "Code: message"
+        shown = "; ".join(f"{key} ({why})" for key, why in list(self.failed.items())[: self.SHOWN])
+        more = f"; and {len(self.failed) - self.SHOWN} more" if len(self.failed) > self.SHOWN else ""
+        super().__init__(
+            f"{len(self.failed)} of {total} object(s) under {prefix_uri} could not be deleted: {shown}{more}"
+        )
 
 
 class InvalidConfigError(TrainerError):

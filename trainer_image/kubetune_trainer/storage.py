@@ -2,13 +2,14 @@
 
 boto3 does the work: botocore's ``standard`` retry mode (throttling, 5xx and
 connection errors with backoff) and s3transfer's multipart uploads/downloads.
-Credentials come from the environment (``AWS_*`` variables, a mounted web
-identity token, an instance profile), never from the config.
+Credentials come from the mounted Secret files (:mod:`.credentials`), else boto3's own chain
+(``AWS_*`` variables, a mounted web identity token, an instance profile), never from the config.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_api.spec import StorageSpec, split_s3_uri
 
-from .errors import ObjectAccessError
+from .errors import ObjectAccessError, ObjectDeleteError
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -29,12 +30,22 @@ _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _MULTIPART_CHUNK = 64 * 1024 * 1024
+#: DeleteObjects rounds per batch (the first try included), and the pause before the second.
+_DELETE_ATTEMPTS = 3
+_DELETE_BACKOFF_S = 0.25
 
 
 def join_uri(base: str, *parts: str) -> str:
     """``join_uri("s3://b/out", "checkpoints", "step-5")`` -> ``"s3://b/out/checkpoints/step-5"``."""
     pieces = [base.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
     return "/".join(pieces)
+
+
+def failure_types() -> tuple[type[Exception], ...]:
+    """What an :class:`ObjectStore` call raises when the store fails it, for callers that can go on."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ObjectAccessError, ObjectDeleteError, ClientError, BotoCoreError)
 
 
 def _error_code(exc: Exception) -> str | None:
@@ -68,7 +79,11 @@ class ObjectStore:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        client = boto3.session.Session().client("s3", endpoint_url=spec.endpoint, config=config)
+        from .credentials import session_with_secret_files
+
+        # The credential chain starts with the Secret files the operator mounts (credentials.py).
+        session = boto3.session.Session(botocore_session=session_with_secret_files())
+        client = session.client("s3", endpoint_url=spec.endpoint, config=config)
         transfer = TransferConfig(
             multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_MULTIPART_CHUNK, max_concurrency=8
         )
@@ -196,11 +211,43 @@ class ObjectStore:
         except ClientError as exc:
             raise self._wrap(exc, uri) from exc
 
+    def _delete_keys(self, bucket: str, keys: list[str], prefix_uri: str) -> dict[str, str]:
+        """One DeleteObjects call; the keys it kept, each with ``"Code: message"``."""
+        from botocore.exceptions import ClientError
+
+        batch: Any = [{"Key": k} for k in keys]
+        try:
+            answer = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        except ClientError as exc:
+            raise self._wrap(exc, prefix_uri) from exc
+        kept: dict[str, str] = {}
+        for error in answer.get("Errors", []):
+            code, message = error.get("Code", "unknown"), error.get("Message")
+            kept[error.get("Key", "?")] = f"{code}: {message}" if message else code
+        return kept
+
     def delete_folder(self, prefix_uri: str) -> int:
-        """Delete every object under ``prefix_uri``; return how many."""
+        """Delete every object under ``prefix_uri``; return how many.
+
+        DeleteObjects answers 200 even when it kept some keys: they come back in its ``Errors``
+        list (access denied, object lock, a per-key InternalError or SlowDown). botocore retries
+        only failed requests, never these, so the kept keys are sent again a bounded number of
+        times; keys still kept raise :class:`ObjectDeleteError` naming them.
+        """
         bucket, _ = split_s3_uri(prefix_uri)
         keys = [key for key, _ in self.list_keys(prefix_uri)]
+        failed: dict[str, str] = {}
         for start in range(0, len(keys), 1000):
-            batch: Any = [{"Key": k} for k in keys[start : start + 1000]]
-            self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            pending = keys[start : start + 1000]
+            for attempt in range(_DELETE_ATTEMPTS):
+                if attempt:
+                    log.info("storage: retrying %d key(s) not deleted under %s", len(pending), prefix_uri)
+                    time.sleep(_DELETE_BACKOFF_S * 2 ** (attempt - 1))
+                kept = self._delete_keys(bucket, pending, prefix_uri)
+                pending = [k for k in pending if k in kept]
+                if not pending:
+                    break
+            failed.update({k: kept[k] for k in pending})
+        if failed:
+            raise ObjectDeleteError(prefix_uri, failed, len(keys))
         return len(keys)
