@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -149,7 +152,8 @@ def test_validate_lists_first_problems_and_counts_all(tmp_path: Path) -> None:
     err = info.value
     assert err.total == 3
     assert err.problems == [
-        "train.jsonl line 4: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "train.jsonl line 4: not valid JSON "
+        "(a field name must be in double quotes (or a comma is left before }), at column 2)",
         "train.jsonl line 2: missing 'output'",
     ]
     assert "and 1 more problem" in str(err)
@@ -174,3 +178,136 @@ def test_token_length_summary() -> None:
     stats = summarize_lengths([5, 1, 9, 3, 7, 20], max_length=8)
     assert (stats.p50, stats.p95, stats.max, stats.truncated, stats.records) == (5, 20, 20, 2, 6)
     assert percentile([], 50) == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "plain"),
+    [
+        ('{"text": "a" "b"}', "a comma or a closing } or ] is missing after a value, at column 14"),
+        ('{"text": "abc', "a string is not closed (it opens at column 10)"),
+        ('{"text" 1}', "a colon is missing after a field name, at column 9"),
+        ('{"text": tru}', "a value is missing or not JSON (strings need double quotes), at column 10"),
+        ('{"text": "a\tb"}', "a raw tab or line break inside a string (write \\t or \\n), at column 12"),
+        ('{"text": "\\q"}', "a backslash starts an unknown escape (write \\\\ for one), at column 11"),
+        ('{"text": "\\u12"}', "a \\u escape needs 4 hex digits, at column 12"),
+        (
+            '{"text": "a"} {"text": "b"}',
+            "more than one JSON value (one record per line), the next at column 15",
+        ),
+    ],
+)
+def test_json_errors_are_said_in_plain_words(tmp_path: Path, line: str, plain: str) -> None:
+    """Not the parser's own words ("Expecting ',' delimiter"), and the column kept."""
+    path = _write(tmp_path, "train.jsonl", '{"text": "ok"}\n' + line + "\n")
+    assert read_records(path).problems == [f"train.jsonl line 2: not valid JSON ({plain})"]
+
+
+def test_a_messages_cell_that_is_not_json_is_said_in_plain_words() -> None:
+    problems = check_record("chat", {"messages": '[{"role": "user"'}, FIELDS)
+    assert problems == [
+        "field 'messages' is not a JSON list of messages "
+        "(a comma or a closing } or ] is missing after a value, at column 17)"
+    ]
+
+
+def _zip(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("train.jsonl", data)
+    return buf.getvalue()
+
+
+def _parquet(records: list[dict[str, object]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), buf)
+    return buf.getvalue()
+
+
+JSONL = to_jsonl(alpaca_records(50))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "said"),
+    [
+        (
+            "train.jsonl",
+            gzip.compress(JSONL),
+            "is gzip-compressed: decompress it (gunzip) and upload the plain file",
+        ),
+        ("train.csv", gzip.compress(b"text\nhello\n"), "is gzip-compressed: decompress it"),
+        (
+            "train.jsonl",
+            b"\x28\xb5\x2f\xfd" + bytes(range(256)),
+            "is zstd-compressed: decompress it (zstd -d)",
+        ),
+        ("train.json", _zip(JSONL), "is a zip archive: extract the file from it and upload that"),
+        ("train.jsonl", _parquet(alpaca_records(3)), "is a Parquet file: name it .parquet"),
+    ],
+    ids=["gzip", "gzip-csv", "zstd", "zip", "parquet-as-jsonl"],
+)
+def test_binary_files_are_named_once(tmp_path: Path, name: str, data: bytes, said: str) -> None:
+    """Not one "invalid" line per line of compressed bytes: one message, naming the object."""
+    path = _write(tmp_path, name, data)
+    spec = DatasetSpec(train=f"s3://bucket/data/{name}")
+    with pytest.raises(InvalidDataError) as info:
+        validate(spec, DataFiles(train=path, validation=None))
+    assert info.value.total == 1
+    assert info.value.problems[0].startswith(f"s3://bucket/data/{name} {said}")
+
+
+def test_compressed_file_types_say_to_decompress(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train.jsonl.gz", gzip.compress(JSONL))
+    with pytest.raises(
+        InvalidDataError, match=r"unsupported file type '\.gz' \(compressed files are not read"
+    ):
+        read_records(path)
+
+
+def test_a_csv_header_starting_with_par1_is_still_csv(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train.csv", "PAR1,text\nx,hello\n")
+    assert [r.data for r in read_records(path).records] == [{"PAR1": "x", "text": "hello"}]
+
+
+ALPACA_FIELDS = "fields 'instruction' and 'output'"
+BY_LINE_1 = f"line 1 made this file alpaca ({ALPACA_FIELDS})"
+
+
+def test_mixed_formats_name_the_line_that_decided(tmp_path: Path) -> None:
+    records: list[dict[str, object]] = [*alpaca_records(3), *chat_records(1), {"text": "t"}]
+    path = _write(tmp_path, "train.jsonl", to_jsonl(records))
+    with pytest.raises(InvalidDataError) as info:
+        validate(DatasetSpec(train="s3://bucket/train.jsonl"), DataFiles(train=path, validation=None))
+    assert info.value.problems == [
+        f"train.jsonl line 4: a chat record (field 'messages'), but {BY_LINE_1}",
+        f"train.jsonl line 5: a text record (field 'text'), but {BY_LINE_1}",
+    ]
+
+
+def test_mixed_formats_across_files_and_with_an_explicit_format(tmp_path: Path) -> None:
+    (tmp_path / "v").mkdir()
+    train = _write(tmp_path, "train.jsonl", to_jsonl(alpaca_records(2)))
+    val = _write(tmp_path / "v", "train.jsonl", to_jsonl(chat_records(1)))  # the same name, in another folder
+    spec = DatasetSpec(train="s3://bucket/train.jsonl", validation="s3://bucket/v/train.jsonl")
+    with pytest.raises(InvalidDataError) as info:
+        validate(spec, DataFiles(train=train, validation=val))
+    assert info.value.problems == [
+        "train.jsonl line 1: a chat record (field 'messages'), "
+        f"but train.jsonl line 1 made this dataset alpaca ({ALPACA_FIELDS})"
+    ]
+    explicit = DatasetSpec(train="s3://bucket/v/train.jsonl", format="alpaca")
+    with pytest.raises(InvalidDataError) as info:
+        validate(explicit, DataFiles(train=val, validation=None))
+    assert info.value.problems == [
+        "train.jsonl line 1: a chat record (field 'messages'), "
+        f"but dataset.format is alpaca ({ALPACA_FIELDS})"
+    ]
+
+
+def test_a_failing_record_of_no_known_format_keeps_its_field_problems(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train.jsonl", to_jsonl([*alpaca_records(1), {"instruction": "x"}]))
+    with pytest.raises(InvalidDataError) as info:
+        validate(DatasetSpec(train="s3://bucket/train.jsonl"), DataFiles(train=path, validation=None))
+    assert info.value.problems == ["train.jsonl line 2: missing 'output'"]

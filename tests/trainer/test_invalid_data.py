@@ -7,6 +7,7 @@ trainer even looks for it.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import time
@@ -50,7 +51,7 @@ CASES = [
     Case(
         "invalid-json-line",
         {"train.jsonl": to_jsonl(GOOD[:1]) + b'{"instruction": "x", "output": \n' + to_jsonl(GOOD[1:])},
-        ["train.jsonl line 2: invalid JSON"],
+        ["train.jsonl line 2: not valid JSON (a value is missing or not JSON"],
     ),
     Case(
         "missing-field",
@@ -119,7 +120,7 @@ CASES = [
     Case(
         "json-array-broken",
         {"train.json": b'[\n  {"text": "a"},\n  {"text": "b",,}\n]\n'},
-        ["train.json line 3: invalid JSON"],
+        ["train.json line 3: not valid JSON (a field name must be in double quotes"],
         train="train.json",
     ),
     Case(
@@ -127,6 +128,16 @@ CASES = [
         {"train.parquet": _parquet_bytes()},
         ["train.parquet line 1: not a readable Parquet file"],
         train="train.parquet",
+    ),
+    Case(
+        "gzip-compressed",
+        {"train.jsonl": gzip.compress(to_jsonl(GOOD))},
+        ["/data/train.jsonl is gzip-compressed: decompress it"],
+    ),
+    Case(
+        "mixed-formats",
+        {"train.jsonl": to_jsonl([*GOOD, *chat_records(1)])},
+        ["train.jsonl line 5: a chat record (field 'messages'), but line 1 made this file alpaca"],
     ),
     Case(
         "bad-validation-file",

@@ -33,6 +33,54 @@ class ReadResult:
     problems: list[str] = field(default_factory=list)
 
 
+#: The start of json.JSONDecodeError's message -> what it means, in words a user can act on.
+_JSON_ERRORS = (
+    ("Expecting ',' delimiter", "a comma or a closing } or ] is missing after a value, at column {col}"),
+    ("Expecting ':' delimiter", "a colon is missing after a field name, at column {col}"),
+    (
+        "Expecting property name",
+        "a field name must be in double quotes (or a comma is left before }), at column {col}",
+    ),
+    ("Illegal trailing comma", "a comma is left before a closing } or ], at column {col}"),
+    ("Expecting value", "a value is missing or not JSON (strings need double quotes), at column {col}"),
+    ("Unterminated string", "a string is not closed (it opens at column {col})"),
+    (
+        "Invalid control character",
+        "a raw tab or line break inside a string (write \\t or \\n), at column {col}",
+    ),
+    ("Invalid \\uXXXX escape", "a \\u escape needs 4 hex digits, at column {col}"),
+    ("Invalid \\escape", "a backslash starts an unknown escape (write \\\\ for one), at column {col}"),
+    ("Extra data", "more than one JSON value (one record per line), the next at column {col}"),
+)
+
+#: Leading bytes of binary files that are sometimes uploaded under a text name.
+#: None of these formats is read compressed: ``.gz`` & co. are refused as file types.
+_MAGIC = (
+    (b"\x1f\x8b", "is gzip-compressed: decompress it (gunzip) and upload the plain file"),
+    (b"\x28\xb5\x2f\xfd", "is zstd-compressed: decompress it (zstd -d) and upload the plain file"),
+    (b"\xfd7zXZ\x00", "is xz-compressed: decompress it (unxz) and upload the plain file"),
+    (b"PK\x03\x04", "is a zip archive: extract the file from it and upload that"),
+    (b"PAR1", "is a Parquet file: name it .parquet"),
+)
+_COMPRESSED_SUFFIXES = (".gz", ".zst", ".xz", ".bz2", ".zip")
+
+
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """``"a colon is missing after a field name, at column 9"``: the parser's complaint in plain words."""
+    plain = next((words for prefix, words in _JSON_ERRORS if exc.msg.startswith(prefix)), None)
+    if plain is None:  # a message this table does not know (a newer Python): its own words
+        return f"{exc.msg}, at column {exc.colno}"
+    return plain.replace("{col}", str(exc.colno))
+
+
+def _binary_kind(raw: bytes) -> str | None:
+    for magic, what in _MAGIC:
+        # Parquet ends in its magic too: a CSV whose header starts with "PAR1" is not one.
+        if raw.startswith(magic) and (magic != b"PAR1" or raw.endswith(magic)):
+            return what
+    return None
+
+
 def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
@@ -61,7 +109,7 @@ def _json_lines(name: str, text: str) -> ReadResult:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            result.problems.append(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+            result.problems.append(f"{where}: not valid JSON ({json_problem(exc)})")
             continue
         if not isinstance(value, dict):
             result.problems.append(f"{where}: record must be a JSON object, got {type(value).__name__}")
@@ -80,7 +128,9 @@ def _json_array(name: str, text: str) -> ReadResult:
         while pos < size and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= size:
-            result.problems.append(f"{name} line {_line_of(text, pos)}: invalid JSON (unterminated array)")
+            result.problems.append(
+                f"{name} line {_line_of(text, pos)}: not valid JSON (the array is not closed with ])"
+            )
             return result
         if text[pos] == "]":
             break
@@ -88,9 +138,7 @@ def _json_array(name: str, text: str) -> ReadResult:
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            result.problems.append(
-                f"{name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
-            )
+            result.problems.append(f"{name} line {exc.lineno}: not valid JSON ({json_problem(exc)})")
             return result  # cannot resynchronise inside a broken array
         if not isinstance(value, dict):
             result.problems.append(f"{where}: record must be a JSON object, got {type(value).__name__}")
@@ -149,17 +197,26 @@ def _parquet(name: str, path: Path) -> ReadResult:
     return result
 
 
-def read_records(path: Path, name: str | None = None) -> ReadResult:
-    """Read ``path`` by its suffix; ``name`` is how messages refer to the file."""
+def read_records(path: Path, name: str | None = None, source: str | None = None) -> ReadResult:
+    """Read ``path`` by its suffix; ``name`` is how line messages refer to the file.
+
+    ``source`` (the object's URI) names the file in messages about the whole file.
+    """
     name = name or path.name
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         supported = ", ".join(SUPPORTED_SUFFIXES)
-        raise InvalidDataError([f"{name}: unsupported file type {suffix!r} (supported: {supported})"])
+        hint = "compressed files are not read: decompress it; " if suffix in _COMPRESSED_SUFFIXES else ""
+        raise InvalidDataError([f"{name}: unsupported file type {suffix!r} ({hint}supported: {supported})"])
     if suffix == ".parquet":
         result = _parquet(name, path)
     else:
-        text = _decode_utf8(name, path.read_bytes())
+        raw = path.read_bytes()
+        # One message for the whole file: its bytes read as text would fail on every line.
+        kind = _binary_kind(raw)
+        if kind is not None:
+            raise InvalidDataError([f"{source or name} {kind}"])
+        text = _decode_utf8(name, raw)
         if suffix == ".csv":
             result = _csv(name, text)
         elif suffix == ".json" and text.lstrip().startswith("["):

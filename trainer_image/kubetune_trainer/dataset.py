@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune_api.spec import DatasetSpec
+from kubetune_api.spec import DatasetSpec, FieldMapping
 
 from .datafiles import read_records
 from .errors import InvalidDataError
-from .formats import ConcreteFormat, check_record, describe_formats, detect_format, to_example
+from .formats import ConcreteFormat, check_record, describe_formats, detect_format, format_fields, to_example
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -77,40 +77,70 @@ def fetch(spec: DatasetSpec, store: ObjectStore, dest: Path) -> DataFiles:
     return DataFiles(train=train, validation=validation)
 
 
+@dataclass(frozen=True)
+class _Format:
+    """The format records are checked against, and what chose it (for mixed-format messages)."""
+
+    name: ConcreteFormat
+    decided_by: str | None  # "train.jsonl line 1" when detected; None when set by dataset.format
+
+
+def _mismatch(data: dict[str, Any], fmt: _Format, fields: FieldMapping, here: str | None) -> str | None:
+    """``"a chat record (field 'messages'), but line 1 made this file alpaca (...)"``, or None.
+
+    Said instead of "missing 'output'" when a failing record plainly is another format.
+    ``here`` is the file's name when its own first record decided the format.
+    """
+    other = detect_format(data, fields)
+    if other is None or other == fmt.name:
+        return None
+    if fmt.decided_by is None:
+        why = f"dataset.format is {fmt.name}"
+    elif here is not None:  # "train.jsonl line 1" -> "line 1"
+        why = f"{fmt.decided_by.removeprefix(f'{here} ')} made this file {fmt.name}"
+    else:
+        why = f"{fmt.decided_by} made this dataset {fmt.name}"
+    return f"a {other} record ({format_fields(other, fields)}), but {why} ({format_fields(fmt.name, fields)})"
+
+
 def _check_file(
-    path: Path, spec: DatasetSpec, fmt: ConcreteFormat | None
-) -> tuple[ConcreteFormat | None, list[dict[str, Any]], list[str], int]:
+    path: Path, uri: str, spec: DatasetSpec, fmt: _Format | None
+) -> tuple[_Format | None, list[dict[str, Any]], list[str], int]:
     """Read one file; return (format, examples, first problems, problem count)."""
-    result = read_records(path)
+    result = read_records(path, source=uri)
     problems = list(result.problems)
     fields = spec.field_mapping
+    here = path.name if fmt is None else None  # read_records' name for this file
     if fmt is None and result.records:
         first = result.records[0]
-        fmt = detect_format(first.data, fields)
-        if fmt is None:
+        detected = detect_format(first.data, fields)
+        if detected is None:
             keys = ", ".join(sorted(first.data)) or "none"
             problems.append(
                 f"{first.where}: cannot detect the format from fields [{keys}]; "
                 f"expected one of {describe_formats(fields)} (or set dataset.format/fieldMapping)"
             )
             return None, [], problems, len(problems)
+        fmt = _Format(detected, first.where)
     examples: list[dict[str, Any]] = []
     if fmt is not None:
         for record in result.records:
-            found = check_record(fmt, record.data, fields)
-            problems.extend(f"{record.where}: {p}" for p in found)
-            if not found:
-                examples.append(to_example(fmt, record.data, fields))
+            found = check_record(fmt.name, record.data, fields)
+            if found:
+                mismatch = _mismatch(record.data, fmt, fields, here)
+                problems.extend(f"{record.where}: {p}" for p in ([mismatch] if mismatch else found))
+            else:
+                examples.append(to_example(fmt.name, record.data, fields))
     return fmt, examples, problems, len(problems)
 
 
 def validate(spec: DatasetSpec, files: DataFiles) -> ValidatedData:
     """Check every record of every file; raise InvalidDataError with the first problems."""
-    fmt: ConcreteFormat | None = None if spec.format == "auto" else spec.format
-    fmt, train, problems, total = _check_file(files.train, spec, fmt)
+    fmt = None if spec.format == "auto" else _Format(spec.format, None)
+    fmt, train, problems, total = _check_file(files.train, spec.train, spec, fmt)
     validation: list[dict[str, Any]] = []
     if files.validation is not None and fmt is not None:
-        _, validation, more, more_total = _check_file(files.validation, spec, fmt)
+        _, validation, more, more_total = _check_file(files.validation, spec.validation or "", spec, fmt)
         problems += more
         total += more_total
     if total:
@@ -118,12 +148,12 @@ def validate(spec: DatasetSpec, files: DataFiles) -> ValidatedData:
     assert fmt is not None  # a file with no records raised in read_records
     log.info(
         "dataset: format %s%s, %d train / %d validation records, all valid",
-        fmt,
+        fmt.name,
         " (detected)" if spec.format == "auto" else "",
         len(train),
         len(validation),
     )
-    return ValidatedData(format=fmt, train=train, validation=validation)
+    return ValidatedData(format=fmt.name, train=train, validation=validation)
 
 
 def percentile(sorted_values: list[int], q: float) -> int:

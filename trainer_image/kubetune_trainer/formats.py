@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from kubetune_api.spec import FieldMapping
 
+from .datafiles import json_problem
+
 ConcreteFormat = Literal["alpaca", "chat", "prompt_completion", "text"]
 ROLES = ("system", "user", "assistant")
 
@@ -36,6 +38,18 @@ def detect_format(record: Mapping[str, Any], fields: FieldMapping) -> ConcreteFo
     if fields.text in keys:
         return "text"
     return None
+
+
+def format_fields(fmt: ConcreteFormat, fields: FieldMapping) -> str:
+    """The fields that make a record ``fmt``: ``"fields 'instruction' and 'output'"``."""
+    names = {
+        "chat": [fields.messages],
+        "prompt_completion": [fields.prompt, fields.completion],
+        "alpaca": [fields.instruction, fields.output],
+        "text": [fields.text],
+    }[fmt]
+    quoted = " and ".join(f"'{n}'" for n in names)
+    return f"field {quoted}" if len(names) == 1 else f"fields {quoted}"
 
 
 def describe_formats(fields: FieldMapping) -> str:
@@ -65,7 +79,7 @@ def _messages(record: Mapping[str, Any], name: str) -> tuple[list[str], list[dic
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            return [f"field '{name}' is not a JSON list of messages ({exc.msg})"], []
+            return [f"field '{name}' is not a JSON list of messages ({json_problem(exc)})"], []
     if not isinstance(value, list):
         return [f"field '{name}' must be a list of messages, got {type(value).__name__}"], []
     if not value:
