@@ -13,10 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 #: The extension keys the generator copies into the CRD as they are.
 CEL_KEY = "x-kubernetes-validations"
@@ -42,6 +49,36 @@ class Rule:
         if self.field_path:
             out["fieldPath"] = self.field_path
         return out
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """A CEL rule on one field's value, with its Python twin: ``Annotated[str, FieldRule(...)]``.
+
+    Used instead of ``pattern`` where the API server's own message (a regular expression) would
+    not tell the user what to write. ``check`` gets the parsed value; the message is the same in
+    both places.
+    """
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        def validate(value: Any) -> Any:
+            if not self.check(value):
+                raise PydanticCustomError(RULE_ERROR, self.message, {"field_path": ""})
+            return value
+
+        return core_schema.no_info_after_validator_function(validate, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        target = handler.resolve_ref_schema(json_schema)
+        target.setdefault(CEL_KEY, []).append({"rule": self.cel, "message": self.message})
+        return json_schema
 
 
 class ApiModel(BaseModel):
@@ -85,7 +122,11 @@ def field_errors(error: ValidationError) -> list[str]:
     """Each problem as ``spec.quantization.bits: <what to change>``, the way the API server names fields."""
     lines = []
     for item in error.errors():
-        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
+        # A map key (anything but a field name: a label key, say) in brackets, as the API server writes it.
+        path = "".join(
+            f".{part}" if isinstance(part, str) and part.isidentifier() else f"[{part}]"
+            for part in item["loc"]
+        )
         if item["type"] == RULE_ERROR:
             path += str((item.get("ctx") or {}).get("field_path", ""))
         path = path.lstrip(".")

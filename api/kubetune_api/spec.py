@@ -8,11 +8,22 @@ The trainer's config (:mod:`kubetune_api.trainer`) reuses the sections it needs.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
-from .base import INT_OR_STRING_KEY, PRESERVE_UNKNOWN_KEY, ApiModel, Rule, immutable, immutable_optional
+from .base import (
+    INT_OR_STRING_KEY,
+    PRESERVE_UNKNOWN_KEY,
+    RULE_ERROR,
+    ApiModel,
+    FieldRule,
+    Rule,
+    immutable,
+    immutable_optional,
+)
 
 #: ``s3://bucket/prefix``: bucket per the S3 naming rules, prefix optional.
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
@@ -20,20 +31,53 @@ S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)?$"
 #: A DNS-1123 subdomain (Secret, PriorityClass names).
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-#: A Kubernetes resource quantity (``8``, ``7500m``, ``64Gi``), as apimachinery parses it.
+#: A non-negative Kubernetes resource quantity (``8``, ``7500m``, ``64Gi``), as apimachinery parses it.
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+#: A label key or other qualified name: an optional DNS-subdomain prefix and ``/``, then a name.
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+#: A label value: empty, or up to 63 of ``[A-Za-z0-9._-]`` starting and ending alphanumeric.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+#: An image reference as the container runtime parses it: ``[registry[:port]/]path[:tag][@digest]``.
+_DOMAIN_PART = r"([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (
+    rf"^({_DOMAIN_PART}(\.{_DOMAIN_PART})*(:[0-9]+)?/)?{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
 )
 #: An extended resource name such as ``nvidia.com/gpu``.
 RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+
+
+def cel_string(text: str) -> str:
+    """``text`` as a single-quoted CEL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
 
 DatasetFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]
 Method = Literal["qlora", "lora"]
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-IntervalStrategy = Literal["no", "steps", "epoch"]
+
+
+def _not_yaml_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            RULE_ERROR,
+            'must be "no", "steps" or "epoch": write "no" in quotes (YAML reads a bare no as false)',
+            {"field_path": ""},
+        )
+    return value
+
+
+IntervalStrategy = Annotated[Literal["no", "steps", "epoch"], BeforeValidator(_not_yaml_boolean)]
 SchedulerType = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
@@ -44,16 +88,81 @@ S3Uri = Annotated[str, Field(max_length=1024, pattern=S3_URI_PATTERN)]
 SecretName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
 SecretKey = Annotated[str, Field(min_length=1, max_length=253)]
 ColumnName = Annotated[str, Field(min_length=1, max_length=128)]
-#: An int-or-string Kubernetes quantity.
+#: An int-or-string Kubernetes quantity, not negative. A CEL rule, not a pattern, so that a
+#: wrong value gets a hint ("48GB" and "8 Gi" are common) instead of a regular expression.
 Quantity = Annotated[
-    int | Annotated[str, Field(pattern=QUANTITY_PATTERN)],
-    Field(json_schema_extra={INT_OR_STRING_KEY: True, "pattern": QUANTITY_PATTERN}),
+    int | str,
+    Field(json_schema_extra={INT_OR_STRING_KEY: True, "maxLength": 64}),
+    FieldRule(
+        cel=f"type(self) == int ? self >= 0 : self.matches({cel_string(QUANTITY_PATTERN)})",
+        message=(
+            "must be a Kubernetes quantity such as 48Gi, 500M or 7500m, not negative: no space "
+            "before the unit and no trailing B (48GB is 48G, or 48Gi in binary units)"
+        ),
+        check=lambda v: v >= 0 if isinstance(v, int) else bool(re.fullmatch(QUANTITY_PATTERN, v)),
+    ),
+]
+#: A container image reference; pin it by digest (``…@sha256:…``) for reproducible runs.
+ImageReference = Annotated[
+    str,
+    Field(min_length=1, max_length=512),
+    FieldRule(
+        cel=f"self.matches({cel_string(IMAGE_PATTERN)})",
+        message=(
+            "must be an image reference such as registry.example.com/team/trainer:1.2.0 or "
+            "registry.example.com/team/trainer@sha256:<64 hex digits>: a lowercase repository, "
+            "no spaces and no scheme (https://)"
+        ),
+        check=lambda v: bool(re.fullmatch(IMAGE_PATTERN, v)),
+    ),
+]
+LabelValue = Annotated[
+    str,
+    Field(max_length=63),
+    FieldRule(
+        cel=f"self.matches({cel_string(LABEL_VALUE_PATTERN)})",
+        message=(
+            "must be a label value: up to 63 letters, digits, '-', '_' or '.', starting and ending "
+            'with a letter or digit (quote values YAML reads as other types, such as "true" or "1")'
+        ),
+        check=lambda v: bool(re.fullmatch(LABEL_VALUE_PATTERN, v)),
+    ),
+]
+#: A toleration's taint key: a label key, or empty (with operator Exists: every taint).
+TaintKey = Annotated[
+    str,
+    Field(max_length=317),
+    FieldRule(
+        cel=f"self == '' || self.matches({cel_string(QUALIFIED_NAME_PATTERN)})",
+        message=(
+            "must be a label key such as nvidia.com/gpu.product or kubernetes.io/hostname: an "
+            "optional DNS-name prefix and '/', then up to 63 letters, digits, '-', '_' or '.'"
+        ),
+        check=lambda v: v == "" or bool(re.fullmatch(QUALIFIED_NAME_PATTERN, v)),
+    ),
 ]
 
 
-def cel_string(text: str) -> str:
-    """``text`` as a single-quoted CEL string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+_QUANTITY_SUFFIXES = {
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "": Decimal(1),
+}
+
+
+def quantity_value(quantity: int | str) -> Decimal:
+    """A quantity's value: ``"64Gi"`` -> 68719476736, ``"7500m"`` -> 7.5 (apimachinery's rules)."""
+    if isinstance(quantity, int):
+        return Decimal(quantity)
+    text = quantity.lstrip("+")
+    number = text.rstrip("KMGTPEikmnu")
+    suffix = text[len(number) :]
+    if suffix not in _QUANTITY_SUFFIXES:  # an exponent (1e3) or a malformed value
+        return Decimal(text)
+    return Decimal(number) * _QUANTITY_SUFFIXES[suffix]
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -98,8 +207,8 @@ class ModelSpec(ApiModel):
     revision: str | None = Field(default=None, min_length=1, max_length=255)
     """Hub revision to load (branch, tag or commit sha). Ignored for s3:// sources."""
     token_secret_ref: SecretKeyRef | None = None
-    """Secret holding a Hugging Face Hub token, for gated or private models. Passed to the trainer
-    as the HF_TOKEN environment variable by reference; never copied."""
+    """Secret holding a Hugging Face Hub token, for gated or private models. Mounted into the trainer
+    as a read-only file (never an environment variable); never copied."""
     trust_remote_code: bool = False
     """Allow the model's own Python code from the hub to run (transformers trust_remote_code)."""
 
@@ -219,11 +328,12 @@ class TrainingSpec(ApiModel):
     logging_steps: int = Field(default=10, ge=1)
     """Log (and report progress) every this many steps."""
     eval_strategy: IntervalStrategy = "no"
-    """When to evaluate on the validation data; needs dataset.validation or validationSplit."""
+    """When to evaluate on the validation data; needs dataset.validation or validationSplit. Quote
+    "no": YAML reads a bare no as false."""
     eval_steps: int | None = Field(default=None, ge=1)
     """Evaluate every this many steps (required when evalStrategy is steps)."""
     save_strategy: IntervalStrategy = "steps"
-    """When to write a checkpoint to object storage."""
+    """When to write a checkpoint to object storage. Quote "no": YAML reads a bare no as false."""
     save_steps: int = Field(default=100, ge=1)
     """Checkpoint every this many steps (saveStrategy steps)."""
     save_total_limit: int = Field(default=2, ge=1)
@@ -259,8 +369,8 @@ class OutputSpec(ApiModel):
 
 
 class CredentialsSecretRef(ApiModel):
-    """Secret with the access keys, passed to the trainer as AWS_* environment variables by reference
-    (the values are never copied). Unset to use the pod's cloud identity."""
+    """Secret with the access keys, mounted into the trainer as read-only files (never environment
+    variables; the values are never copied). Unset to use the pod's cloud identity."""
 
     name: SecretName
     """Name of the Secret, in the FineTuneJob's namespace."""
@@ -285,8 +395,9 @@ class StorageSpec(ApiModel):
     max_attempts: int = Field(default=8, ge=1, le=50)
     """Attempts per object-storage request, with exponential backoff."""
     credentials_secret_ref: CredentialsSecretRef | None = None
-    """Secret with the access keys, passed to the trainer as AWS_* environment variables by
-    reference (the values are never copied). Unset to use the pod's cloud identity."""
+    """Secret with the access keys, mounted into the trainer as read-only files (never environment
+    variables; the values are never copied); a rotated Secret is picked up while training. Unset to
+    use the pod's cloud identity (see identity)."""
 
 
 class ResourcesSpec(ApiModel):
@@ -303,16 +414,52 @@ class ResourcesSpec(ApiModel):
     """Memory request and limit (a Kubernetes quantity, e.g. 64Gi)."""
     shared_memory: Quantity | None = None
     """Size limit of the in-memory /dev/shm volume (data loaders, NCCL); unset means no limit."""
+    scratch: Quantity | None = None
+    """Size of the trainer's scratch disk (/tmp: the model and data downloads, checkpoints before
+    upload, the result): the emptyDir's sizeLimit and the pod's ephemeral-storage request and limit,
+    so the scheduler picks a node with that much disk. The trainer checks before downloading that
+    the inputs fit. Unset means no limit (the node's free disk)."""
+
+
+def _is_exists(t: Toleration) -> bool:
+    return t.operator == "Exists"
 
 
 class Toleration(ApiModel):
-    """A core/v1 Toleration."""
+    """A core/v1 Toleration, with core/v1's rules checked at apply time."""
 
-    key: str | None = Field(default=None, max_length=253)
+    cel_rules = (
+        Rule(
+            cel="(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            message=(
+                "a toleration without a key matches every taint only with operator Exists: "
+                "set key, or operator Exists"
+            ),
+            field_path=".operator",
+            check=lambda t: bool(t.key) or _is_exists(t),
+        ),
+        Rule(
+            cel="!(has(self.operator) && self.operator == 'Exists') || !has(self.value) || self.value == ''",
+            message="operator Exists matches every value: remove value, or use operator Equal",
+            field_path=".value",
+            check=lambda t: not _is_exists(t) or not t.value,
+        ),
+        Rule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message=(
+                "tolerationSeconds applies only to effect NoExecute: "
+                "set effect NoExecute, or remove tolerationSeconds"
+            ),
+            field_path=".tolerationSeconds",
+            check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+        ),
+    )
+
+    key: TaintKey | None = None
     """Taint key; empty with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] | None = None
     """Exists or Equal (the default)."""
-    value: str | None = Field(default=None, max_length=63)
+    value: LabelValue | None = None
     """Taint value, for operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to match; empty matches all effects."""
@@ -323,7 +470,21 @@ class Toleration(ApiModel):
 class SchedulingSpec(ApiModel):
     """Where and when the trainer pod may run."""
 
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=64)
+    node_selector: (
+        Annotated[
+            dict[str, LabelValue],
+            Field(max_length=64),
+            FieldRule(
+                cel=f"self.all(key, key.matches({cel_string(QUALIFIED_NAME_PATTERN)}))",
+                message=(
+                    "keys must be label keys such as nvidia.com/gpu.product: an optional DNS-name "
+                    "prefix and '/', then up to 63 letters, digits, '-', '_' or '.'"
+                ),
+                check=lambda d: all(re.fullmatch(QUALIFIED_NAME_PATTERN, key) for key in d),
+            ),
+        ]
+        | None
+    ) = None
     """Node labels the trainer pod requires (e.g. a GPU product label)."""
     tolerations: tuple[Toleration, ...] | None = Field(default=None, max_length=32)
     """Taints the trainer pod tolerates (e.g. nvidia.com/gpu=present:NoSchedule)."""
@@ -334,6 +495,61 @@ class SchedulingSpec(ApiModel):
     queue_name: str | None = Field(default=None, max_length=63, pattern=DNS_SUBDOMAIN_PATTERN)
     """Kueue LocalQueue to submit to. The Job is then created suspended with the
     kueue.x-k8s.io/queue-name label and Kueue starts it when admitted (phase Queued until then)."""
+
+
+#: Labels kubetune sets on its children; a user's pod labels may not take them over.
+RESERVED_LABEL_PREFIX = "kubetune.dev/"
+
+
+class IdentitySpec(ApiModel):
+    """The trainer pod's identity: the Kubernetes ServiceAccount it runs as, and through it the cloud
+    identity (IRSA, GKE or Azure workload identity) that object storage sees."""
+
+    cel_rules = (
+        Rule(
+            cel="!(has(self.serviceAccountName) && has(self.serviceAccountAnnotations))",
+            message=(
+                "identity.serviceAccountAnnotations applies only to the ServiceAccount kubetune creates: "
+                "annotate your own ServiceAccount, or unset identity.serviceAccountName"
+            ),
+            field_path=".serviceAccountAnnotations",
+            check=lambda i: i.service_account_name is None or i.service_account_annotations is None,
+        ),
+    )
+
+    service_account_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """An existing ServiceAccount in the FineTuneJob's namespace to run the trainer as (e.g. one
+    already bound to a cloud role). kubetune then creates none, and binds its per-job Role (read
+    this FineTuneJob, patch its status) to this account. Unset: a ServiceAccount is created per job."""
+    service_account_annotations: (
+        Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=32)] | None
+    ) = None
+    """Annotations of the per-job ServiceAccount that give the pod a cloud identity, e.g.
+    eks.amazonaws.com/role-arn (IRSA), iam.gke.io/gcp-service-account (GKE) or
+    azure.workload.identity/client-id (Azure, with the pod label azure.workload.identity/use)."""
+    pod_labels: (
+        Annotated[
+            dict[str, LabelValue],
+            Field(max_length=32),
+            FieldRule(
+                cel=(
+                    f"self.all(key, key.matches({cel_string(QUALIFIED_NAME_PATTERN)}) && "
+                    f"!key.startsWith({cel_string(RESERVED_LABEL_PREFIX)}))"
+                ),
+                message=(
+                    "keys must be label keys (an optional DNS-name prefix and '/', then up to 63 "
+                    f"letters, digits, '-', '_' or '.'), outside {RESERVED_LABEL_PREFIX}"
+                ),
+                check=lambda d: all(
+                    re.fullmatch(QUALIFIED_NAME_PATTERN, k) and not k.startswith(RESERVED_LABEL_PREFIX)
+                    for k in d
+                ),
+            ),
+        ]
+        | None
+    ) = None
+    """Labels added to the trainer pod, for identity webhooks that select pods by label (Azure
+    workload identity: azure.workload.identity/use: "true")."""
 
 
 class LocalObjectReference(ApiModel):
@@ -419,8 +635,12 @@ class FineTuneJobSpec(ApiModel):
     """Compute for the trainer pod."""
     scheduling: SchedulingSpec = Field(default=SchedulingSpec(), json_schema_extra=immutable("scheduling"))
     """Where and when the trainer pod may run."""
-    image: str | None = Field(default=None, min_length=1, max_length=512)
-    """Trainer image; defaults to the operator's configured trainer image."""
+    identity: IdentitySpec = Field(default=IdentitySpec(), json_schema_extra=immutable("identity"))
+    """The trainer pod's identity: the Kubernetes ServiceAccount it runs as, and through it the cloud
+    identity (IRSA, GKE or Azure workload identity) that object storage sees."""
+    image: ImageReference | None = None
+    """Trainer image, by tag or by digest (repository@sha256:…); defaults to the operator's
+    configured trainer image."""
     image_pull_policy: PullPolicy | None = None
     """Pull policy of the trainer image; unset uses the Kubernetes default."""
     image_pull_secrets: tuple[LocalObjectReference, ...] | None = Field(default=None, max_length=8)

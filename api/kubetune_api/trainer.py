@@ -28,6 +28,7 @@ from .spec import (
     QuantizationSpec,
     StorageSpec,
     TrainingSpec,
+    quantity_value,
 )
 
 
@@ -77,14 +78,18 @@ class TrainerConfig(ApiModel):
     """GPUs requested; the trainer fails if the launched world size differs. 0 = CPU."""
     work_dir: str = Field(default=wellknown.WORK_DIR, min_length=1)
     """Local scratch folder (an emptyDir in the pod): downloads, checkpoints before upload."""
+    scratch_bytes: int | None = Field(default=None, ge=0)
+    """The scratch volume's size limit (spec.resources.scratch); unset: the disk's free space."""
 
     @classmethod
     def from_spec(cls, spec: FineTuneJobSpec, reporting: ReportingSpec) -> TrainerConfig:
         """The config for a FineTuneJob's spec: its training sections, as they are.
 
-        Secret references are dropped: the pod gets the values as environment variables
-        ($HF_TOKEN, $AWS_*), so the config (a ConfigMap anyone with read access sees) names no Secret.
+        Secret references are dropped: the pod gets the values as files in Secret volumes
+        (:mod:`kubetune_api.wellknown`), so the config (a ConfigMap anyone with read access sees)
+        names no Secret.
         """
+        scratch = spec.resources.scratch
         return cls(
             model=spec.model.model_copy(update={"token_secret_ref": None}),
             dataset=spec.dataset,
@@ -96,6 +101,7 @@ class TrainerConfig(ApiModel):
             output=spec.output,
             reporting=reporting,
             gpus=spec.resources.gpus,
+            scratch_bytes=None if scratch is None else int(quantity_value(scratch)),
         )
 
     def fingerprint(self) -> str:

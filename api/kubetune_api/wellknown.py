@@ -22,12 +22,19 @@ TRAINER_UID: Final = 65532
 #: The FineTuneJob the trainer reports to (set by the operator on the trainer container).
 ENV_JOB_NAME: Final = "KUBETUNE_JOB_NAME"
 ENV_JOB_NAMESPACE: Final = "KUBETUNE_JOB_NAMESPACE"
-#: The hub token, filled from ``spec.model.tokenSecretRef`` (huggingface_hub reads it too).
-ENV_HUB_TOKEN: Final = "HF_TOKEN"  # noqa: S105 - variable names, not secrets
-#: Object-storage credentials, filled from ``spec.storage.credentialsSecretRef`` (boto3 reads them).
-ENV_ACCESS_KEY_ID: Final = "AWS_ACCESS_KEY_ID"
-ENV_SECRET_ACCESS_KEY: Final = "AWS_SECRET_ACCESS_KEY"  # noqa: S105
-ENV_SESSION_TOKEN: Final = "AWS_SESSION_TOKEN"  # noqa: S105
+#: Secrets reach the trainer as files in read-only Secret volumes, never as environment variables
+#: (which every child process inherits and crash reports and /proc/PID/environ show); the kubelet
+#: also refreshes the files when the Secret changes.
+SECRETS_DIR: Final = "/var/run/secrets/kubetune"
+#: ``spec.storage.credentialsSecretRef``'s keys, under fixed names.
+STORAGE_CREDENTIALS_DIR: Final = f"{SECRETS_DIR}/storage"
+ACCESS_KEY_ID_FILE: Final = "access-key-id"
+SECRET_ACCESS_KEY_FILE: Final = "secret-access-key"  # noqa: S105 - file names, not secrets
+SESSION_TOKEN_FILE: Final = "session-token"  # noqa: S105
+#: ``spec.model.tokenSecretRef``'s key; huggingface_hub reads the file named by $HF_TOKEN_PATH.
+HUB_TOKEN_DIR: Final = f"{SECRETS_DIR}/hub"
+HUB_TOKEN_FILE: Final = "token"  # noqa: S105
+ENV_HUB_TOKEN_PATH: Final = "HF_TOKEN_PATH"  # noqa: S105
 
 # -- the output prefix (spec.output.uri) -------------------------------------------------------
 #: ``checkpoints/step-N/`` folders; one counts only once its marker exists.

@@ -94,13 +94,28 @@ def config_map(ftj: Body) -> Obj:
     }
 
 
-def service_account(ftj: Body) -> Obj:
-    """The trainer's identity; its token is mounted only into the trainer pod."""
-    name = _meta(ftj)["name"]
+def trainer_service_account_name(ftj: Body) -> str:
+    """The ServiceAccount the trainer runs as: the user's own, or the per-job one."""
+    own = spec_of(ftj).identity.service_account_name
+    return own if own is not None else names.service_account_name(_meta(ftj)["name"])
+
+
+def service_account(ftj: Body) -> Obj | None:
+    """The per-job trainer identity (None when the spec names its own ServiceAccount).
+
+    Its annotations carry the cloud identity (IRSA, workload identity); its token is mounted only
+    into the trainer pod.
+    """
+    identity = spec_of(ftj).identity
+    if identity.service_account_name is not None:
+        return None
+    metadata = _child_metadata(ftj, names.service_account_name(_meta(ftj)["name"]))
+    if identity.service_account_annotations:
+        metadata["annotations"] = dict(identity.service_account_annotations)
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _child_metadata(ftj, names.service_account_name(name)),
+        "metadata": metadata,
         "automountServiceAccountToken": False,
     }
 
@@ -130,15 +145,20 @@ def role(ftj: Body) -> Obj:
 
 
 def role_binding(ftj: Body) -> Obj:
-    """Binds the per-job Role to the per-job ServiceAccount."""
+    """Binds the per-job Role to the ServiceAccount the trainer runs as."""
     meta = _meta(ftj)
-    sa_name = names.service_account_name(meta["name"])
+    role_name = names.service_account_name(meta["name"])
+    subject = {
+        "kind": "ServiceAccount",
+        "name": trainer_service_account_name(ftj),
+        "namespace": meta["namespace"],
+    }
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _child_metadata(ftj, sa_name),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa_name},
-        "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": meta["namespace"]}],
+        "metadata": _child_metadata(ftj, role_name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+        "subjects": [subject],
     }
 
 
@@ -150,15 +170,8 @@ def trainer_command(gpu_count: int) -> list[str]:
     return ["python", *tail]
 
 
-def _secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> Obj:
-    ref: Obj = {"name": secret, "key": key}
-    if optional:
-        ref["optional"] = True
-    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
-
-
 def trainer_env(ftj: Body) -> list[Obj]:
-    """Environment of the trainer: its identity, and credentials by Secret reference only."""
+    """Environment of the trainer: its identity and where things are; no secret (see :func:`_volumes`)."""
     spec = spec_of(ftj)
     env: list[Obj] = [
         {"name": wellknown.ENV_JOB_NAME, "value": _meta(ftj)["name"]},
@@ -167,26 +180,20 @@ def trainer_env(ftj: Body) -> list[Obj]:
         {"name": "TMPDIR", "value": wellknown.SCRATCH_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    creds = spec.storage.credentials_secret_ref
-    if creds is not None:
-        env.append(_secret_env(wellknown.ENV_ACCESS_KEY_ID, creds.name, creds.access_key_id_key))
-        env.append(_secret_env(wellknown.ENV_SECRET_ACCESS_KEY, creds.name, creds.secret_access_key_key))
-        if creds.session_token_key is not None:
-            env.append(_secret_env(wellknown.ENV_SESSION_TOKEN, creds.name, creds.session_token_key))
-    token = spec.model.token_secret_ref
-    if token is not None:
-        env.append(_secret_env(wellknown.ENV_HUB_TOKEN, token.name, token.key))
+    if spec.model.token_secret_ref is not None:
+        hub_token = f"{wellknown.HUB_TOKEN_DIR}/{wellknown.HUB_TOKEN_FILE}"
+        env.append({"name": wellknown.ENV_HUB_TOKEN_PATH, "value": hub_token})
     return env
 
 
 def trainer_resources(spec: FineTuneJobSpec) -> Obj:
-    """GPU limits plus CPU and memory requests = limits (Guaranteed QoS when all are set)."""
+    """GPU limits plus CPU, memory and scratch-disk requests = limits (Guaranteed QoS when all are set)."""
     res = spec.resources
     limits: Obj = {}
     requests: Obj = {}
     if res.gpus > 0:
         limits[res.gpu_resource_name] = str(res.gpus)
-    for key, value in (("cpu", res.cpu), ("memory", res.memory)):
+    for key, value in (("cpu", res.cpu), ("memory", res.memory), ("ephemeral-storage", res.scratch)):
         if value is not None:
             requests[key] = limits[key] = str(value)
     out: Obj = {}
@@ -197,11 +204,50 @@ def trainer_resources(spec: FineTuneJobSpec) -> Obj:
     return out
 
 
+#: Secret files are readable by the trainer's group (fsGroup) and no one else.
+SECRET_FILE_MODE = 0o440
+
+
+def _secret_volumes(spec: FineTuneJobSpec) -> list[tuple[Obj, Obj]]:
+    """(volume, mount) pairs putting the spec's Secret references at their well-known paths."""
+
+    def secret(name: str, secret_name: str, items: dict[str, str], where: str) -> tuple[Obj, Obj]:
+        volume = {
+            "name": name,
+            "secret": {
+                "secretName": secret_name,
+                "items": [{"key": key, "path": path} for key, path in items.items()],
+                "defaultMode": SECRET_FILE_MODE,
+            },
+        }
+        return volume, {"name": name, "mountPath": where, "readOnly": True}
+
+    found = []
+    creds = spec.storage.credentials_secret_ref
+    if creds is not None:
+        items = {
+            creds.access_key_id_key: wellknown.ACCESS_KEY_ID_FILE,
+            creds.secret_access_key_key: wellknown.SECRET_ACCESS_KEY_FILE,
+        }
+        if creds.session_token_key is not None:
+            items[creds.session_token_key] = wellknown.SESSION_TOKEN_FILE
+        found.append(secret("storage-credentials", creds.name, items, wellknown.STORAGE_CREDENTIALS_DIR))
+    token = spec.model.token_secret_ref
+    if token is not None:
+        found.append(
+            secret("hub-token", token.name, {token.key: wellknown.HUB_TOKEN_FILE}, wellknown.HUB_TOKEN_DIR)
+        )
+    return found
+
+
 def _volumes(ftj: Body, spec: FineTuneJobSpec) -> list[Obj]:
     name = _meta(ftj)["name"]
     shm: Obj = {"medium": "Memory"}
     if spec.resources.shared_memory is not None:
         shm["sizeLimit"] = str(spec.resources.shared_memory)
+    scratch: Obj = {}
+    if spec.resources.scratch is not None:
+        scratch["sizeLimit"] = str(spec.resources.scratch)
     return [
         {
             "name": "config",
@@ -210,8 +256,9 @@ def _volumes(ftj: Body, spec: FineTuneJobSpec) -> list[Obj]:
                 "items": [{"key": wellknown.CONFIG_KEY, "path": wellknown.CONFIG_KEY}],
             },
         },
-        {"name": "scratch", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": scratch},
         {"name": "dshm", "emptyDir": shm},
+        *(volume for volume, _ in _secret_volumes(spec)),
     ]
 
 
@@ -228,6 +275,7 @@ def trainer_container(ftj: Body, image: str) -> Obj:
             {"name": "config", "mountPath": wellknown.CONFIG_DIR, "readOnly": True},
             {"name": "scratch", "mountPath": wellknown.SCRATCH_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *(mount for _, mount in _secret_volumes(spec)),
         ],
         "terminationMessagePath": wellknown.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -252,7 +300,7 @@ def pod_template(ftj: Body, image: str) -> Obj:
         "restartPolicy": "Never",
         # The trainer saves and uploads a checkpoint on SIGTERM: Kubernetes' 30 s is too short.
         "terminationGracePeriodSeconds": spec.lifecycle.termination_grace_period_seconds,
-        "serviceAccountName": names.service_account_name(name),
+        "serviceAccountName": trainer_service_account_name(ftj),
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
         "securityContext": {
@@ -274,7 +322,9 @@ def pod_template(ftj: Body, image: str) -> Obj:
         "imagePullSecrets": spec.image_pull_secrets,
     }
     pod_spec.update({key: _wire(value) for key, value in passed.items() if value})
-    return {"metadata": {"labels": names.labels(name)}, "spec": pod_spec}
+    # The user's labels (for identity webhooks) first: kubetune's own cannot be overridden.
+    labels = {**(spec.identity.pod_labels or {}), **names.labels(name)}
+    return {"metadata": {"labels": labels}, "spec": pod_spec}
 
 
 def desired_suspend(spec: FineTuneJobSpec) -> bool | None:
@@ -351,10 +401,5 @@ def job_patch(ftj: Body, current_job: Mapping[str, Any]) -> Obj | None:
 
 def children(ftj: Body, default_image: str) -> list[Obj]:
     """Every child object, in creation order (the Job last, once its pod can start)."""
-    return [
-        config_map(ftj),
-        service_account(ftj),
-        role(ftj),
-        role_binding(ftj),
-        job(ftj, default_image),
-    ]
+    found = [config_map(ftj), service_account(ftj), role(ftj), role_binding(ftj), job(ftj, default_image)]
+    return [obj for obj in found if obj is not None]

@@ -6,12 +6,14 @@ import dataclasses
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from kubetune_api.coordinates import GROUP
+from kubetune_api.spec import IMAGE_PATTERN
 
 from . import names
 
@@ -85,9 +87,15 @@ def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
         priority = int(priority_raw) if priority_raw else None
     except ValueError:
         raise ConfigError(f"KUBETUNE_PEERING_PRIORITY must be an integer, not {priority_raw!r}") from None
+    trainer_image = env.get("KUBETUNE_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE
+    if not re.fullmatch(IMAGE_PATTERN, trainer_image):
+        raise ConfigError(
+            f"KUBETUNE_TRAINER_IMAGE must be an image reference (repository:tag or repository@sha256:...), "
+            f"not {trainer_image!r}"
+        )
     return OperatorConfig(
         namespaces=namespaces,
-        trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
+        trainer_image=trainer_image,
         metrics_port=_port(env, "KUBETUNE_METRICS_PORT", 8080),
         health_port=_port(env, "KUBETUNE_HEALTH_PORT", 8081),
         peering=env.get("KUBETUNE_PEERING", "").strip(),

@@ -50,6 +50,14 @@ def _expected_field(path: Path) -> str:
     )
 
 
+def _expected_message(path: Path) -> str | None:
+    """``# message:`` (both the API server and the models say it) or ``# model-message:``."""
+    for line in path.read_text().splitlines():
+        if line.startswith(("# message:", "# model-message:")):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 @pytest.mark.parametrize("manifest", CREATE_CASES, ids=[p.stem for p in CREATE_CASES])
 def test_invalid_manifest_is_refused_by_the_models_naming_the_field(manifest: Path) -> None:
     with pytest.raises(ValidationError) as caught:
@@ -57,6 +65,8 @@ def test_invalid_manifest_is_refused_by_the_models_naming_the_field(manifest: Pa
     field = _expected_field(manifest)
     problems = field_errors(caught.value)
     assert any(line.startswith(field) for line in problems), f"{field} not named in {problems}"
+    words = _expected_message(manifest)
+    assert words is None or any(words in line for line in problems), f"{words!r} not in {problems}"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])

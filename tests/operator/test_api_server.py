@@ -23,6 +23,14 @@ def _expected_field(path: Path) -> str:
     raise AssertionError(f"{path.name} has no '# expect: <field>' line")
 
 
+def expected_message(path: Path) -> str | None:
+    """The words the error must contain, where the message itself is under test (``# message:``)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# message:"):
+            return line.removeprefix("# message:").strip()
+    return None
+
+
 def test_there_are_enough_invalid_manifests() -> None:
     assert len(INVALID) >= 20
 
@@ -46,6 +54,8 @@ def test_invalid_manifest_is_rejected_naming_the_field(
     )
     assert result.returncode != 0, f"{manifest.name} was accepted:\n{result.stdout}"
     assert field in result.stderr, f"{manifest.name}: {field!r} not named in:\n{result.stderr}"
+    words = expected_message(manifest)
+    assert words is None or words in result.stderr, f"{manifest.name}: {words!r} not in:\n{result.stderr}"
 
 
 def _kubectl(local_env: Any) -> list[str]:

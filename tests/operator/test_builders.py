@@ -183,32 +183,98 @@ def test_defaults_leave_optional_limits_unset(make_ftj: Any) -> None:
     assert "ttlSecondsAfterFinished" not in spec
 
 
-def test_credentials_only_by_secret_reference(make_ftj: Any) -> None:
+def test_secrets_reach_the_trainer_only_as_files_in_secret_volumes(make_ftj: Any) -> None:
     ftj = make_ftj(
         model={"source": "org/gated-model", "tokenSecretRef": {"name": "hf-token", "key": "hf"}},
         storage={"credentialsSecretRef": {"name": "s3-creds", "sessionTokenKey": "token"}},
     )
-    env = _env(builders.job(ftj, TRAINER_IMAGE))
+    job = builders.job(ftj, TRAINER_IMAGE)
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in _container(job)["volumeMounts"]}
 
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
-        "name": "s3-creds",
-        "key": "AWS_ACCESS_KEY_ID",
+    assert volumes["storage-credentials"]["secret"] == {
+        "secretName": "s3-creds",
+        "items": [
+            {"key": "AWS_ACCESS_KEY_ID", "path": "access-key-id"},
+            {"key": "AWS_SECRET_ACCESS_KEY", "path": "secret-access-key"},
+            {"key": "token", "path": "session-token"},
+        ],
+        "defaultMode": 0o440,  # the trainer's group (fsGroup) only
     }
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": "s3-creds",
-        "key": "AWS_SECRET_ACCESS_KEY",
+    assert mounts["storage-credentials"] == {
+        "name": "storage-credentials",
+        "mountPath": "/var/run/secrets/kubetune/storage",
+        "readOnly": True,
     }
-    assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "token"}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "hf"}
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
-        assert "value" not in env[name]
+    assert volumes["hub-token"]["secret"]["items"] == [{"key": "hf", "path": "token"}]
+    assert mounts["hub-token"]["mountPath"] == "/var/run/secrets/kubetune/hub"
+    env = _env(job)
+    # huggingface_hub reads the token file; nothing secret is in the environment.
+    assert env["HF_TOKEN_PATH"] == {"name": "HF_TOKEN_PATH", "value": "/var/run/secrets/kubetune/hub/token"}
+    assert not any("secretKeyRef" in json.dumps(e) for e in env.values())
+    assert "envFrom" not in _container(job)
     assert env["KUBETUNE_JOB_NAME"] == {"name": "KUBETUNE_JOB_NAME", "value": "demo"}
     assert env["KUBETUNE_JOB_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
 
-def test_no_credentials_env_without_secret_refs(make_ftj: Any) -> None:
-    env = _env(builders.job(make_ftj(), TRAINER_IMAGE))
-    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} & set(env)
+def test_no_secret_volumes_or_env_without_secret_refs(make_ftj: Any) -> None:
+    job = builders.job(make_ftj(), TRAINER_IMAGE)
+    env = _env(job)
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "HF_TOKEN_PATH"} & set(env)
+    assert [v["name"] for v in job["spec"]["template"]["spec"]["volumes"]] == ["config", "scratch", "dshm"]
+
+
+def test_scratch_size_limits_the_emptydir_and_requests_ephemeral_storage(make_ftj: Any) -> None:
+    job = builders.job(make_ftj(resources={"gpus": 0, "scratch": "200Gi"}), TRAINER_IMAGE)
+    pod = job["spec"]["template"]["spec"]
+    scratch = next(v for v in pod["volumes"] if v["name"] == "scratch")
+    assert scratch == {"name": "scratch", "emptyDir": {"sizeLimit": "200Gi"}}
+    resources = _container(job)["resources"]
+    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "200Gi"
+    config = TrainerConfig.model_validate_json(
+        builders.config_map(make_ftj(resources={"scratch": "1Gi"}))["data"]["config.json"]
+    )
+    assert config.scratch_bytes == 1024**3
+    unlimited = builders.job(make_ftj(), TRAINER_IMAGE)["spec"]["template"]["spec"]
+    assert next(v for v in unlimited["volumes"] if v["name"] == "scratch")["emptyDir"] == {}
+
+
+def test_per_job_service_account_carries_the_cloud_identity_annotations(make_ftj: Any) -> None:
+    role_arn = "arn:aws:iam::123456789012:role/finetune-data"
+    ftj = make_ftj(identity={"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": role_arn}})
+    account = builders.service_account(ftj)
+    assert account is not None
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": role_arn}
+    assert (
+        builders.job(ftj, TRAINER_IMAGE)["spec"]["template"]["spec"]["serviceAccountName"] == "demo-trainer"
+    )
+
+
+def test_own_service_account_is_used_and_bound_instead_of_a_per_job_one(make_ftj: Any) -> None:
+    ftj = make_ftj(
+        identity={
+            "serviceAccountName": "ml-data-reader",
+            "podLabels": {"azure.workload.identity/use": "true"},
+        }
+    )
+    kinds = [obj["kind"] for obj in builders.children(ftj, TRAINER_IMAGE)]
+    assert kinds == ["ConfigMap", "Role", "RoleBinding", "Job"]
+    assert builders.service_account(ftj) is None
+    binding = builders.role_binding(ftj)
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ml-data-reader", "namespace": "team-a"}
+    ]
+    assert binding["roleRef"]["name"] == "demo-trainer"
+    template = builders.job(ftj, TRAINER_IMAGE)["spec"]["template"]
+    assert template["spec"]["serviceAccountName"] == "ml-data-reader"
+    assert template["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert template["metadata"]["labels"]["kubetune.dev/finetunejob"] == "demo"
+
+
+def test_image_by_digest_reaches_the_container(make_ftj: Any) -> None:
+    image = "registry.example.com/ml/trainer@sha256:" + "a" * 64
+    assert _container(builders.job(make_ftj(image=image), TRAINER_IMAGE))["image"] == image
 
 
 @pytest.mark.parametrize(
@@ -294,7 +360,10 @@ def test_role_allows_only_this_finetunejob(make_ftj: Any) -> None:
         "name": "run-3-trainer",
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "run-3-trainer", "namespace": "ml"}]
-    assert builders.service_account(make_ftj())["automountServiceAccountToken"] is False
+    account = builders.service_account(make_ftj())
+    assert account is not None
+    assert account["automountServiceAccountToken"] is False
+    assert "annotations" not in account["metadata"]
 
 
 def test_job_patch_aligns_only_editable_fields(make_ftj: Any) -> None:

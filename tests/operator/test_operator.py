@@ -61,9 +61,8 @@ def test_apply_creates_the_children(operator: Any, harness: Any) -> None:
     assert pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     container = pod_spec["containers"][0]
     assert container["image"] == "registry.example/kubetune/trainer:test"
-    env = {e["name"]: e for e in container["env"]}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3"
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec["volumes"] if "secret" in v}
+    assert secrets == {"storage-credentials": "s3", "hub-token": "hf"}
 
     config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
     assert config.storage.endpoint == "http://s3.local:9000"

@@ -59,6 +59,8 @@ def test_environment_is_read() -> None:
         ({"KUBETUNE_METRICS_PORT": "http"}, "KUBETUNE_METRICS_PORT"),
         ({"KUBETUNE_HEALTH_PORT": "70000"}, "KUBETUNE_HEALTH_PORT"),
         ({"KUBETUNE_PEERING_PRIORITY": "high"}, "KUBETUNE_PEERING_PRIORITY"),
+        ({"KUBETUNE_TRAINER_IMAGE": "ghcr.io/kubetune/trainer:0.1 0"}, "KUBETUNE_TRAINER_IMAGE"),
+        ({"KUBETUNE_TRAINER_IMAGE": "https://ghcr.io/kubetune/trainer:0.1.0"}, "KUBETUNE_TRAINER_IMAGE"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

@@ -34,8 +34,12 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def hub_token() -> str | None:
-    """The hub token the operator passes from ``model.tokenSecretRef`` (unset for public models)."""
-    return os.environ.get(wellknown.ENV_HUB_TOKEN)
+    """The hub token the operator mounts from ``model.tokenSecretRef`` (None: huggingface_hub's own
+    lookup, $HF_TOKEN or its token file, applies)."""
+    path = os.environ.get(wellknown.ENV_HUB_TOKEN_PATH)
+    if path and Path(path).is_file():
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    return None
 
 
 def resolve_source(spec: ModelSpec, store: ObjectStore, work_dir: Path) -> str:
