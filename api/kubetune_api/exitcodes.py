@@ -23,6 +23,8 @@ class ExitCode(IntEnum):
     INVALID_DATA = 42, "bad records, or input objects that are missing or unreadable"
     INVALID_CONFIG = 43, "the config is unreadable, or inconsistent with the hardware or the output prefix"
     WORLD_SIZE_MISMATCH = 44, "the launcher started a different number of processes than GPUs were requested"
+    SCRATCH_TOO_SMALL = 45, "the model and data do not fit the scratch disk (resources.scratch)"
+    OUTPUT_NOT_WRITABLE = 46, "the output prefix cannot be written: no such bucket, or access denied"
 
 
 #: Every code above: retrying the same pod with the same input fails the same way.

@@ -190,6 +190,20 @@ class Reason(StrEnum):
         "kubetune",
         F,
     )
+    SCRATCH_TOO_SMALL = (
+        "ScratchTooSmall",
+        "the model and data do not fit the scratch disk; raise resources.scratch (trainer exit 45)",
+        True,
+        "kubetune",
+        F,
+    )
+    OUTPUT_NOT_WRITABLE = (
+        "OutputNotWritable",
+        "a probe write to output.uri failed before training: no bucket, or no access (trainer exit 46)",
+        True,
+        "kubetune",
+        F,
+    )
     OOM_KILLED = "OOMKilled", "the trainer ran out of memory (resources.memory)", True, "kubelet", F
     DEADLINE_EXCEEDED = (
         "DeadlineExceeded",
@@ -245,6 +259,8 @@ EXIT_CODE_REASONS: Final = {
     ExitCode.INVALID_DATA: Reason.INVALID_DATASET,
     ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
     ExitCode.WORLD_SIZE_MISMATCH: Reason.WORLD_SIZE_MISMATCH,
+    ExitCode.SCRATCH_TOO_SMALL: Reason.SCRATCH_TOO_SMALL,
+    ExitCode.OUTPUT_NOT_WRITABLE: Reason.OUTPUT_NOT_WRITABLE,
 }
 
 

@@ -47,3 +47,5 @@ METRICS: Final = "metrics.json"
 RESOLVED_CONFIG: Final = "trainer_config.json"
 MODEL_CARD: Final = "README.md"
 MERGED_DIR: Final = "merged"
+#: A probe object the trainer writes and deletes before training, to prove the prefix is writable.
+WRITE_PROBE_PREFIX: Final = ".kubetune-write-probe-"

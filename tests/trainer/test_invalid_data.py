@@ -77,12 +77,6 @@ CASES = [
     ),
     Case("missing-object", {}, ["data/train.jsonl: not found"]),
     Case(
-        "access-denied",
-        {"train.jsonl": to_jsonl(GOOD)},
-        ["access denied"],
-        env={"AWS_SECRET_ACCESS_KEY": "wrong-secret"},
-    ),
-    Case(
         "record-not-an-object",
         {"train.jsonl": to_jsonl(GOOD[:1]) + b'["instruction", "output"]\n'},
         ["train.jsonl line 2: record must be a JSON object, got list"],

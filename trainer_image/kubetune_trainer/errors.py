@@ -94,3 +94,32 @@ class WorldSizeMismatchError(TrainerError):
     """The launcher started a different number of processes than GPUs were requested."""
 
     exit_code = ExitCode.WORLD_SIZE_MISMATCH
+
+
+class ScratchTooSmallError(TrainerError):
+    """The inputs (model, data) would not fit the scratch disk: a retry on the same pod spec cannot help."""
+
+    exit_code = ExitCode.SCRATCH_TOO_SMALL
+
+
+class OutputNotWritableError(TrainerError):
+    """A probe write under ``output.uri`` was refused (no such bucket, access denied)."""
+
+    exit_code = ExitCode.OUTPUT_NOT_WRITABLE
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"cannot write under output.uri {uri} ({reason}): {self._hint(reason)}")
+
+    @staticmethod
+    def _hint(reason: str) -> str:
+        if "NoSuchBucket" in reason:
+            return "create the bucket, or fix output.uri"
+        if "SignatureDoesNotMatch" in reason or "InvalidAccessKeyId" in reason:
+            return (
+                "the access key or secret key is wrong: fix the Secret named by "
+                "storage.credentialsSecretRef (a fixed Secret is read again on the next attempt)"
+            )
+        return (
+            "give the credentials (storage.credentialsSecretRef or the pod's identity) "
+            "s3:PutObject and s3:DeleteObject on this prefix"
+        )

@@ -166,6 +166,16 @@ class ObjectStore:
             raise self._wrap(exc, uri) from exc
         return True
 
+    def size(self, uri: str) -> int:
+        """The size of one object in bytes."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            return int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as exc:
+            raise self._wrap(exc, uri) from exc
+
     def get_bytes(self, uri: str) -> bytes:
         from botocore.exceptions import ClientError
 

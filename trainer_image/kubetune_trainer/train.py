@@ -20,7 +20,7 @@ from typing import Any
 from kubetune_api import wellknown
 from kubetune_api.trainer import TrainerConfig
 
-from . import checkpoints, dataset, errors, hardware, modeling, reporting, results, sft
+from . import checkpoints, dataset, errors, hardware, modeling, preflight, reporting, results, sft
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
@@ -240,11 +240,15 @@ def publish(ctx: RunContext, built: Built, metrics: dict[str, Any]) -> None:
 def run(cfg: TrainerConfig) -> dict[str, Any]:
     """Train and publish; returns the summary (also written to the termination message)."""
     ctx = prepare(cfg)
+    # Before anything else reads the output prefix: a missing bucket is OutputNotWritable.
+    if ctx.is_main:
+        preflight.check_output_writable(ctx.store, cfg.output.uri)
     done = already_published(ctx)
     if done is not None:
         log.info("result already published at %s; nothing to do", cfg.output.uri)
         return {"phase": "Succeeded", "outputUri": cfg.output.uri, "alreadyComplete": True, **_summary(done)}
     checkpoints.check_owner(ctx.store, cfg.output.uri, ctx.fingerprint)
+    preflight.check_scratch(cfg, ctx.store, ctx.work_dir)  # before any download
     data = prepare_data(ctx)
     built = build(ctx, data)
     metrics = train(ctx, built)
