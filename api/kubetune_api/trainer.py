@@ -3,6 +3,17 @@
 The operator renders it from a FineTuneJob (:meth:`TrainerConfig.from_spec`) as JSON into the
 per-job ConfigMap; the trainer parses the same model. The sections are the spec's own models,
 so a spec field reaches the trainer without being declared twice.
+
+The operator and the trainer image can be of different versions (``spec.image`` pins an older
+trainer; a chart upgrade replaces the operator first). The rule that keeps them working together:
+
+* A field's default means what configs without the field meant, and a released default never
+  changes (the Kubernetes API convention). :meth:`TrainerConfig.to_json` writes only the fields
+  that differ from their defaults, plus the writing operator's :data:`KUBETUNE_VERSION`; so a
+  newer operator's config reads in an older trainer unless the job uses a newer feature, and an
+  older operator's config reads in a newer trainer (its defaults fill in what is missing).
+* A trainer refuses a field it does not know (``extra="forbid"``): ignoring it could train
+  something other than what was asked. The trainer names the field and both versions.
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import Field
 
@@ -30,6 +41,12 @@ from .spec import (
     TrainingSpec,
     quantity_value,
 )
+
+#: The version of this contract, so of the operator that writes a config and of the trainer that
+#: reads it; recorded in every config the operator writes (``kubetuneVersion``). A constant rather
+#: than the distribution's metadata: the images copy the packages in without installing the
+#: distribution. It must equal ``project.version`` in pyproject.toml (a test checks).
+KUBETUNE_VERSION: Final = "0.1.0"
 
 
 class ReportingSpec(ApiModel):
@@ -65,6 +82,9 @@ class TrainerConfig(ApiModel):
 
     cel_rules = (QLORA_NEEDS_4BIT, EVAL_NEEDS_DATA)
 
+    kubetune_version: str | None = Field(default=None, min_length=1, max_length=64)
+    """The version of the operator that wrote the config (its :data:`KUBETUNE_VERSION`); unset in
+    a config written by hand. Not part of the fingerprint."""
     model: ModelSpec
     dataset: DatasetSpec
     method: Method = "qlora"
@@ -91,6 +111,7 @@ class TrainerConfig(ApiModel):
         """
         scratch = spec.resources.scratch
         return cls(
+            kubetune_version=KUBETUNE_VERSION,
             model=spec.model.model_copy(update={"token_secret_ref": None}),
             dataset=spec.dataset,
             method=spec.method,
@@ -116,7 +137,19 @@ class TrainerConfig(ApiModel):
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, indent=2, exclude_none=True)
+        """The config as the operator writes it: only what differs from the defaults.
+
+        So a trainer older than the operator reads it unless the job uses a field that trainer
+        does not know (see the module docstring). ``exclude_defaults`` also leaves out a None
+        that is the default; a None where the default is a value is written, as null: dropping
+        it would make the reader apply the default instead.
+        """
+        return self.model_dump_json(by_alias=True, indent=2, exclude_defaults=True)
+
+    def to_resolved_json(self) -> str:
+        """Every field, defaults included: for people reading what a run used, not for a trainer
+        of another version to parse (that is :meth:`to_json`)."""
+        return self.model_dump_json(by_alias=True, indent=2)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainerConfig:

@@ -23,12 +23,11 @@ MINIMAL = {
 
 
 def test_minimal_config_round_trips_with_camel_case() -> None:
-    cfg = TrainerConfig.model_validate(MINIMAL)
+    cfg = TrainerConfig.model_validate({**MINIMAL, "training": {"maxSeqLength": 512}, "workDir": "/scratch"})
     again = TrainerConfig.model_validate_json(cfg.to_json())
     assert again == cfg
-    dumped = json.loads(cfg.to_json())
-    assert dumped["workDir"] == "/tmp/kubetune"
-    assert "maxSeqLength" in dumped["training"]
+    # Only what differs from the defaults is written (tests/api/test_trainer_config.py says why).
+    assert json.loads(cfg.to_json()) == {**MINIMAL, "training": {"maxSeqLength": 512}, "workDir": "/scratch"}
 
 
 @pytest.mark.parametrize(
@@ -47,7 +46,11 @@ def test_inconsistent_configs_are_rejected(patch: dict[str, object], message: st
 
 def test_invalid_config_file_exits_43(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({**MINIMAL, "method": "full"}))
+    # An invalid config still reports to the terminationMessagePath its JSON names.
+    term = tmp_path / "term"
+    path.write_text(
+        json.dumps({**MINIMAL, "method": "full", "reporting": {"terminationMessagePath": str(term)}})
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "kubetune_trainer", "--config", str(path)],
         capture_output=True,
@@ -58,6 +61,7 @@ def test_invalid_config_file_exits_43(tmp_path: Path) -> None:
     assert proc.returncode == ExitCode.INVALID_CONFIG
     assert "invalid config" in proc.stderr
     assert "method" in proc.stderr
+    assert json.loads(term.read_text())["exitCode"] == ExitCode.INVALID_CONFIG
 
 
 GPU_BF16 = Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False, device_name="NVIDIA A100")
