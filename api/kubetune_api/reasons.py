@@ -114,6 +114,13 @@ class Reason(StrEnum):
         "kubetune",
         P,
     )
+    SERVICE_ACCOUNT_MISSING = (
+        "ServiceAccountMissing",
+        "identity.serviceAccountName names no ServiceAccount in the namespace; retried",
+        True,
+        "kubetune",
+        P,
+    )
     UNSCHEDULABLE = "Unschedulable", "no node fits the trainer pod yet", False, "scheduler", P
     IMAGE_PULL_BACK_OFF = "ImagePullBackOff", "the trainer image cannot be pulled", True, "kubelet", P
     ERR_IMAGE_PULL = "ErrImagePull", "pulling the trainer image failed", True, "kubelet", P

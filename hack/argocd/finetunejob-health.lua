@@ -37,6 +37,7 @@ local NEEDS_A_HUMAN = {
   InvalidImageName = true,
   InvalidSpec = true,
   RunContainerError = true,
+  ServiceAccountMissing = true,
 }
 
 local function condition(status, ctype)

@@ -8,7 +8,7 @@ server fills in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -23,6 +23,8 @@ from . import names
 
 Obj = dict[str, Any]
 Body = Mapping[str, Any]
+#: Egress rules (core NetworkPolicyEgressRule objects) by group: see :data:`names.EGRESS_ALWAYS`.
+Egress = Mapping[str, Sequence[Obj]]
 
 
 class InvalidSpecError(ValueError):
@@ -399,7 +401,35 @@ def job_patch(ftj: Body, current_job: Mapping[str, Any]) -> Obj | None:
     return {"spec": changes} if changes else None
 
 
-def children(ftj: Body, default_image: str) -> list[Obj]:
-    """Every child object, in creation order (the Job last, once its pod can start)."""
-    found = [config_map(ftj), service_account(ftj), role(ftj), role_binding(ftj), job(ftj, default_image)]
+def network_policy(ftj: Body, egress: Egress) -> Obj:
+    """No ingress to the trainer pod; egress only to DNS, the API server, the object store and,
+    for a hub model, the hub. The peers differ per cluster, so the operator's config gives them."""
+    spec = spec_of(ftj)
+    name = _meta(ftj)["name"]
+    groups = [*names.EGRESS_ALWAYS, *(() if spec.model.is_s3 else (names.EGRESS_HUB,))]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _child_metadata(ftj, names.network_policy_name(name)),
+        "spec": {
+            "podSelector": {"matchLabels": {names.LABEL_FINETUNEJOB: name}},
+            "policyTypes": ["Ingress", "Egress"],
+            "egress": [dict(rule) for group in groups for rule in egress.get(group, ())],
+        },
+    }
+
+
+def children(ftj: Body, default_image: str, egress: Egress | None = None) -> list[Obj]:
+    """Every child object, in creation order (the Job last, once its pod can start).
+
+    With ``egress`` (the operator's KUBETUNE_TRAINER_EGRESS) a NetworkPolicy comes before the Job.
+    """
+    found = [
+        config_map(ftj),
+        service_account(ftj),
+        role(ftj),
+        role_binding(ftj),
+        network_policy(ftj, egress) if egress is not None else None,
+        job(ftj, default_image),
+    ]
     return [obj for obj in found if obj is not None]

@@ -55,6 +55,7 @@ CONFIGMAPS: Final = Resource("v1", "configmaps")
 SERVICEACCOUNTS: Final = Resource("v1", "serviceaccounts")
 ROLES: Final = Resource("rbac.authorization.k8s.io/v1", "roles")
 ROLEBINDINGS: Final = Resource("rbac.authorization.k8s.io/v1", "rolebindings")
+NETWORKPOLICIES: Final = Resource("networking.k8s.io/v1", "networkpolicies")
 
 _BY_KIND: Final = {
     ("v1", "ConfigMap"): CONFIGMAPS,
@@ -63,6 +64,7 @@ _BY_KIND: Final = {
     ("batch/v1", "Job"): JOBS,
     ("rbac.authorization.k8s.io/v1", "Role"): ROLES,
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ROLEBINDINGS,
+    ("networking.k8s.io/v1", "NetworkPolicy"): NETWORKPOLICIES,
     (coordinates.API_VERSION, coordinates.KIND): FINETUNEJOBS,
 }
 

@@ -39,6 +39,18 @@ def service_account_name(ftj_name: str) -> str:
     return f"{ftj_name}-trainer"
 
 
+def network_policy_name(ftj_name: str) -> str:
+    """The NetworkPolicy limiting the trainer pod's traffic (when the operator is configured for it)."""
+    return f"{ftj_name}-trainer"
+
+
+#: The groups of egress rules a trainer NetworkPolicy is made of (KUBETUNE_TRAINER_EGRESS's keys):
+#: cluster DNS, the API server (progress reports), the object store, and the model hub (added only
+#: for FineTuneJobs whose model comes from the hub).
+EGRESS_ALWAYS: Final = ("dns", "apiServer", "objectStore")
+EGRESS_HUB: Final = "hub"
+
+
 def labels(ftj_name: str) -> dict[str, str]:
     """Labels on every child object (and on the trainer pods)."""
     return {

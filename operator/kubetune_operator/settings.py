@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -51,6 +52,10 @@ class OperatorConfig:
     priority: int | None = None
     """KUBETUNE_PEERING_PRIORITY: this replica's peering priority; unset draws a random one."""
 
+    trainer_egress: Mapping[str, tuple[dict[str, Any], ...]] | None = None
+    """KUBETUNE_TRAINER_EGRESS: JSON object of NetworkPolicy egress rules by group (dns, apiServer,
+    objectStore, hub); set, every trainer pod gets a NetworkPolicy allowing only those."""
+
     bind_address: str = "0.0.0.0"  # noqa: S104 - the endpoints must be reachable by the kubelet and Prometheus
     """KUBETUNE_BIND_ADDRESS: address the metrics and health endpoints listen on."""
 
@@ -78,6 +83,26 @@ def _port(env: Mapping[str, str], key: str, default: int) -> int:
     return value
 
 
+def _egress(env: Mapping[str, str]) -> Mapping[str, tuple[dict[str, Any], ...]] | None:
+    raw = env.get("KUBETUNE_TRAINER_EGRESS", "").strip()
+    if not raw:
+        return None
+    key = "KUBETUNE_TRAINER_EGRESS"
+    groups = (*names.EGRESS_ALWAYS, names.EGRESS_HUB)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{key} must be a JSON object: {err.msg} at column {err.colno}") from None
+    if not isinstance(value, dict) or set(value) - set(groups):
+        raise ConfigError(f"{key} must be a JSON object with the keys {', '.join(groups)} (each optional)")
+    out: dict[str, tuple[dict[str, Any], ...]] = {}
+    for group, rules in value.items():
+        if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules):
+            raise ConfigError(f"{key}.{group} must be a list of NetworkPolicy egress rules ({{to, ports}})")
+        out[group] = tuple(rules)
+    return out
+
+
 def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
     """Read the KUBETUNE_* variables (``os.environ`` by default)."""
     env = os.environ if env is None else env
@@ -101,6 +126,7 @@ def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
         peering=env.get("KUBETUNE_PEERING", "").strip(),
         priority=priority,
         bind_address=env.get("KUBETUNE_BIND_ADDRESS", "").strip() or "0.0.0.0",  # noqa: S104
+        trainer_egress=_egress(env),
     )
 
 

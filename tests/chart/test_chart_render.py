@@ -6,6 +6,7 @@ mode, digests, ServiceMonitor, one replica) and values the schema must reject.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ NAMESPACED_VERBS = {
     ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
     ("", "events"): {"create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create"},
 }
 
 
@@ -338,3 +340,40 @@ def test_chart_metadata() -> None:
     assert chart["apiVersion"] == "v2"
     assert chart["kubeVersion"] == ">=1.30.0-0"
     assert chart["name"] == "kubetune"
+
+
+def test_trainer_network_policy_reaches_the_operator_and_its_children(helm: Helm) -> None:
+    """values -> KUBETUNE_TRAINER_EGRESS -> the operator's config -> each job's NetworkPolicy."""
+    from kubetune_operator import builders
+    from kubetune_operator.settings import from_env
+
+    minio = [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}]}]
+    objects = helm.template(
+        "--set",
+        "trainerNetworkPolicy.enabled=true",
+        "--set-json",
+        f"trainerNetworkPolicy.objectStore={json.dumps(minio)}",
+    )
+    env = container_env(one(objects, "Deployment", "kt-kubetune"))
+    config = from_env({"KUBETUNE_TRAINER_EGRESS": env["KUBETUNE_TRAINER_EGRESS"]})
+    assert config.trainer_egress is not None
+    assert list(config.trainer_egress["objectStore"]) == minio
+
+    def ftj(source: str) -> dict[str, Any]:
+        spec = {
+            "model": {"source": source},
+            "dataset": {"train": "s3://data/t.jsonl"},
+            "output": {"uri": "s3://out/run"},
+        }
+        return {"metadata": {"name": "run", "namespace": "ml", "uid": "u1"}, "spec": spec}
+
+    from_s3 = builders.network_policy(ftj("s3://models/llama"), config.trainer_egress)["spec"]
+    from_hub = builders.network_policy(ftj("meta-llama/Llama-3.2-1B"), config.trainer_egress)["spec"]
+    assert from_s3["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in from_s3  # nothing may connect to a trainer
+    assert from_s3["podSelector"] == {"matchLabels": {"kubetune.dev/finetunejob": "run"}}
+    dns_ports = {(p["port"], p["protocol"]) for p in from_s3["egress"][0]["ports"]}
+    assert dns_ports == {(53, "UDP"), (53, "TCP")}
+    assert from_s3["egress"][1:] == minio  # no API server peers given, no hub for an s3 model
+    assert from_hub["egress"][-1]["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert "KUBETUNE_TRAINER_EGRESS" not in container_env(one(helm.template(), "Deployment", "kt-kubetune"))

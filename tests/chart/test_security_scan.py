@@ -112,3 +112,33 @@ def test_scan_catches_an_insecure_deployment(helm: Helm, kube_score: Path, tmp_p
         f["check"] for f in scan(kube_score, manifests) if not f["skipped"] and f["grade"] == CRITICAL
     }
     assert {"container-security-context-privileged", "container-resources"} <= critical, critical
+
+
+def test_a_finetunejobs_children_pass_the_scan(kube_score: Path, tmp_path: Path) -> None:
+    """What the operator creates for a job (with the trainer NetworkPolicy on) scans clean too."""
+    from kubetune_operator import builders
+
+    spec = {
+        "model": {"source": "s3://models/llama"},
+        "dataset": {"train": "s3://data/t.jsonl"},
+        "output": {"uri": "s3://out/run"},
+        "storage": {"credentialsSecretRef": {"name": "s3-creds"}},
+        "resources": {"gpus": 1, "cpu": 8, "memory": "64Gi", "scratch": "200Gi"},
+    }
+    ftj = {"metadata": {"name": "run", "namespace": "ml", "uid": "u1"}, "spec": spec}
+    egress: dict[str, list[dict[str, Any]]] = {
+        "dns": [{"ports": [{"port": 53, "protocol": "UDP"}]}],
+        "objectStore": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}],
+    }
+    manifests = tmp_path / "children.yaml"
+    manifests.write_text(
+        yaml.safe_dump_all(builders.children(ftj, "registry.example/trainer@sha256:" + "c" * 64, egress))
+    )
+    findings = scan(kube_score, manifests)
+    job = [f for f in findings if f["object"].startswith("Job/") and f["object"].endswith("/run-trainer")]
+    assert job, "kube-score saw no Job"
+    policy = [f for f in job if f["check"] == "pod-networkpolicy"]
+    assert policy, "kube-score did not check the trainer's NetworkPolicy"
+    assert policy[0]["grade"] != CRITICAL, policy
+    critical = [f for f in findings if not f["skipped"] and f["grade"] == CRITICAL]
+    assert not critical, critical

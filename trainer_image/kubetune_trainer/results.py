@@ -94,7 +94,7 @@ def write_local(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
-    (folder / wellknown.RESOLVED_CONFIG).write_text(cfg.to_json() + "\n")
+    (folder / wellknown.RESOLVED_CONFIG).write_text(cfg.to_resolved_json() + "\n")
     (folder / wellknown.METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     (folder / wellknown.MODEL_CARD).write_text(model_card(cfg, metrics))
 

@@ -122,6 +122,10 @@ the ClusterRole; in namespace-scoped mode into a Role in each watched namespace.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create"]
+# Per-job trainer NetworkPolicy (trainerNetworkPolicy.enabled): created once, deleted by the GC.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
 # Kubernetes Events on phase transitions.
 - apiGroups: [""]
   resources: ["events"]
