@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune_api.coordinates import GROUP
 from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase, Reason
 
 from . import builders, names, status
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 #: Answers that refuse a child for a reason the user (or an admin) must fix: bad request (strict
 #: field validation), forbidden (a quota, RBAC, an admission policy), invalid.
 REFUSALS = frozenset({400, 403, 422})
+#: Held on a Job that its ttlSecondsAfterFinished will delete, until the Job's outcome is in the
+#: FineTuneJob's status: a Job that finished and expired while no operator ran (or faster than
+#: the operator read it) would otherwise vanish unseen and read as JobDeleted.
+OUTCOME_FINALIZER = f"{GROUP}/outcome"
 
 Obj = dict[str, Any]
 
@@ -62,6 +67,21 @@ def _owned_by(obj: Mapping[str, Any], ftj: Mapping[str, Any]) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
+def _holds_outcome(job: Mapping[str, Any]) -> bool:
+    return OUTCOME_FINALIZER in (job.get("metadata", {}).get("finalizers") or [])
+
+
+def _outcome_needs_holding(job: Mapping[str, Any], phase: str) -> bool:
+    """Whether the Job must not vanish yet: its TTL may delete it before its outcome is recorded.
+
+    Not once the status shows the outcome (a terminal phase, just written), and not for a Job
+    deleted before it finished (its FineTuneJob then fails with JobDeleted, as it should).
+    """
+    if phase in TERMINAL_PHASES or job["metadata"].get("deletionTimestamp"):
+        return False
+    return job.get("spec", {}).get("ttlSecondsAfterFinished") is not None
+
+
 @dataclass
 class Reconciler:
     """Reconciles FineTuneJobs through one :class:`Kube` client."""
@@ -97,6 +117,9 @@ class Reconciler:
         for obj in builders.children(ftj, self.default_image):
             if obj["kind"] == "Job" and blocked:
                 break
+            if obj["kind"] == "Job" and _outcome_needs_holding(obj, ""):
+                # Held from its creation: it may finish before this operator (or the next) looks.
+                obj["metadata"]["finalizers"] = [OUTCOME_FINALIZER]
             actual, was_created = self.kube.ensure(obj)
             if was_created:
                 created.append(obj["kind"])
@@ -113,6 +136,34 @@ class Reconciler:
             return job
         meta = job["metadata"]
         return self.kube.patch(JOBS, meta["namespace"], meta["name"], patch)
+
+    def hold_outcome(self, job: Obj, hold: bool) -> Obj | None:
+        """Add or remove :data:`OUTCOME_FINALIZER` (other finalizers kept); the Job, None if gone."""
+        for _attempt in range(3):
+            meta = job["metadata"]
+            current = list(meta.get("finalizers") or [])
+            if (OUTCOME_FINALIZER in current) == hold or (hold and meta.get("deletionTimestamp")):
+                return job  # as wanted, or being deleted (no finalizer can be added then)
+            wanted = [*current, OUTCOME_FINALIZER] if hold else [f for f in current if f != OUTCOME_FINALIZER]
+            # The resourceVersion makes it a compare-and-swap: no other finalizer is lost.
+            patch = {"metadata": {"finalizers": wanted, "resourceVersion": meta["resourceVersion"]}}
+            try:
+                return self.kube.patch(JOBS, meta["namespace"], meta["name"], patch)
+            except KubeError as err:
+                if err.status != 409:
+                    raise
+            fresh = self.kube.get(JOBS, meta["namespace"], meta["name"])
+            if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+                return None
+            job = fresh
+        path = JOBS.path(job["metadata"]["namespace"], job["metadata"]["name"])
+        raise KubeError(409, "PATCH", path, "the Job kept changing while its finalizers were updated")
+
+    def release_orphan(self, namespace: str, name: str) -> None:
+        """The FineTuneJob is gone (or going): its Job must not wait for an outcome nobody will read."""
+        job = self.kube.get(JOBS, namespace, names.job_name(name))
+        if job is not None and _holds_outcome(job):
+            self.hold_outcome(job, False)
 
     def bring_children(
         self, ftj: Mapping[str, Any], job: Obj | None, *, ensure_all: bool
@@ -151,10 +202,13 @@ class Reconciler:
         with self._lock(namespace, name):
             ftj = self.kube.get(FINETUNEJOBS, namespace, name)
             if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+                self.release_orphan(namespace, name)
                 return None
             previous: Mapping[str, Any] = ftj.get("status") or {}
             job = self.kube.get(JOBS, namespace, names.job_name(name))
             if job is not None and not _owned_by(job, ftj):
+                if _holds_outcome(job):  # its owner is gone: let the garbage collector finish
+                    self.hold_outcome(job, False)
                 job = None  # a same-named Job of a deleted FineTuneJob, still being collected
             job, created, blocked, hold = self.bring_children(ftj, job, ensure_all=ensure_all)
             if hold is not None:
@@ -167,6 +221,9 @@ class Reconciler:
             patch = status.patch(previous, desired)
             if patch is not None:
                 ftj = self.kube.patch(FINETUNEJOBS, namespace, name, {"status": patch}, "status")
+            if job is not None:
+                # Only now that the status holds the outcome may the Job's TTL remove it.
+                self.hold_outcome(job, _outcome_needs_holding(job, desired["phase"]))
             after = status.Verdict(
                 Phase(desired["phase"]), desired.get("reason", ""), desired.get("message", "")
             )
