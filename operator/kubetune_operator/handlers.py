@@ -53,7 +53,7 @@ def operator_startup(
     config: OperatorConfig = memo.get("config") or from_env()
     memo.config = config
     configure(settings, config)
-    memo.reconciler = Reconciler(Kube.connect(), config.trainer_image)
+    memo.reconciler = Reconciler(Kube.connect(), config.trainer_image, config.trainer_egress)
     memo.metrics = Metrics()
     memo.metrics_server = None
     if config.metrics_port:

@@ -19,7 +19,7 @@ from kubetune_api.coordinates import GROUP
 from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase, Reason
 
 from . import builders, names, status
-from .kube import FINETUNEJOBS, JOBS, PODS, Kube, KubeError
+from .kube import FINETUNEJOBS, JOBS, PODS, SERVICEACCOUNTS, Kube, KubeError
 
 log = logging.getLogger(__name__)
 #: Answers that refuse a child for a reason the user (or an admin) must fix: bad request (strict
@@ -82,12 +82,17 @@ def _outcome_needs_holding(job: Mapping[str, Any], phase: str) -> bool:
     return job.get("spec", {}).get("ttlSecondsAfterFinished") is not None
 
 
+class MissingServiceAccountError(LookupError):
+    """``identity.serviceAccountName`` names a ServiceAccount that does not exist (yet)."""
+
+
 @dataclass
 class Reconciler:
     """Reconciles FineTuneJobs through one :class:`Kube` client."""
 
     kube: Kube
     default_image: str
+    trainer_egress: builders.Egress | None = None
     clock: Callable[[], datetime.datetime] = field(default=lambda: datetime.datetime.now(datetime.UTC))
     _locks: defaultdict[tuple[str, str], threading.Lock] = field(
         default_factory=lambda: defaultdict(threading.Lock), init=False, repr=False
@@ -114,9 +119,11 @@ class Reconciler:
         created: list[str] = []
         blocked: list[str] = []
         job: Obj | None = None
-        for obj in builders.children(ftj, self.default_image):
+        for obj in builders.children(ftj, self.default_image, self.trainer_egress):
             if obj["kind"] == "Job" and blocked:
                 break
+            if obj["kind"] == "Job":
+                self._check_own_service_account(ftj)
             if obj["kind"] == "Job" and _outcome_needs_holding(obj, ""):
                 # Held from its creation: it may finish before this operator (or the next) looks.
                 obj["metadata"]["finalizers"] = [OUTCOME_FINALIZER]
@@ -128,6 +135,16 @@ class Reconciler:
             elif obj["kind"] == "Job":
                 job = actual
         return job, tuple(created), tuple(blocked)
+
+    def _check_own_service_account(self, ftj: Mapping[str, Any]) -> None:
+        """A Job whose ServiceAccount is missing gets no pod, and says so only in an Event: hold it."""
+        own = builders.spec_of(ftj).identity.service_account_name
+        namespace = ftj["metadata"]["namespace"]
+        if own is not None and self.kube.get(SERVICEACCOUNTS, namespace, own) is None:
+            raise MissingServiceAccountError(
+                f"identity.serviceAccountName {own} does not exist in namespace {namespace}: create it "
+                "(the trainer runs as it), or unset identity.serviceAccountName"
+            )
 
     def align_job(self, ftj: Mapping[str, Any], job: Obj) -> Obj:
         """Apply spec.suspend and spec.lifecycle changes to the Job."""
@@ -180,6 +197,8 @@ class Reconciler:
                 job = self.align_job(ftj, job)
         except builders.InvalidSpecError as err:
             return job, created, blocked, status.Hold(Reason.INVALID_SPEC, f"the spec does not parse: {err}")
+        except MissingServiceAccountError as err:
+            return job, created, blocked, status.Hold(Reason.SERVICE_ACCOUNT_MISSING, str(err))
         except KubeError as err:
             if err.status not in REFUSALS:
                 raise

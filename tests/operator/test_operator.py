@@ -17,7 +17,15 @@ import pytest
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.trainer import TrainerConfig
 from kubetune_operator import names
-from kubetune_operator.kube import CONFIGMAPS, FINETUNEJOBS, JOBS, ROLEBINDINGS, ROLES, SERVICEACCOUNTS
+from kubetune_operator.kube import (
+    CONFIGMAPS,
+    FINETUNEJOBS,
+    JOBS,
+    NETWORKPOLICIES,
+    ROLEBINDINGS,
+    ROLES,
+    SERVICEACCOUNTS,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -73,6 +81,46 @@ def test_apply_creates_the_children(operator: Any, harness: Any) -> None:
     assert [p["spec"]["serviceAccountName"] for p in pods] == ["sft-trainer"]
     # kopf posts events in the background: wait for them.
     harness.wait_for("a Created event", lambda: any(e["reason"] == "Created" for e in harness.events("sft")))
+
+
+def test_trainer_network_policy_and_own_identity(
+    run_operator: Any, harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With KUBETUNE_TRAINER_EGRESS the API server takes each job's NetworkPolicy (strict
+    validation), and it selects the trainer pod; an own ServiceAccount is bound, not created."""
+    object_store = {
+        "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+        "ports": [{"port": 9000, "protocol": "TCP"}],
+    }
+    hub = {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    monkeypatch.setenv("KUBETUNE_TRAINER_EGRESS", json.dumps({"objectStore": [object_store], "hub": [hub]}))
+    with run_operator():
+        ftj = harness.create(
+            "np", model={"source": "org/model"}, identity={"serviceAccountName": "ml-reader"}
+        )
+        # The account does not exist yet: held with a reason that says so, no Job (it would get no pod).
+        held = harness.wait_for(
+            "ServiceAccountMissing",
+            lambda: (st := harness.status("np")).get("reason") == "ServiceAccountMissing" and st,
+        )
+        assert held["phase"] == "Pending"
+        assert "identity.serviceAccountName ml-reader does not exist" in held["message"]
+        assert harness.kube.get(JOBS, harness.namespace, "np-trainer") is None
+        account = {"name": "ml-reader", "namespace": harness.namespace}
+        harness.kube.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": account})
+        policy = harness.wait_for(
+            "the NetworkPolicy", lambda: harness.kube.get(NETWORKPOLICIES, harness.namespace, "np-trainer")
+        )
+        assert policy["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+        assert policy["spec"]["egress"] == [object_store, hub]  # a hub model: the hub rule too
+        assert harness.kube.get(SERVICEACCOUNTS, harness.namespace, "np-trainer") is None
+        binding = harness.kube.get(ROLEBINDINGS, harness.namespace, "np-trainer")
+        assert binding["subjects"][0]["name"] == "ml-reader"
+        # Retried on the hold's 20 s timer: the Job and its pod follow.
+        (pod,) = harness.wait_for("the trainer pod", lambda: harness.kubelet.pods("np"), timeout=90)
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        assert pod["spec"]["serviceAccountName"] == "ml-reader"
 
 
 def test_lifecycle_through_pod_states(operator: Any, harness: Any) -> None:
