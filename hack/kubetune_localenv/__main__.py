@@ -37,13 +37,17 @@ def _read_pid(state: Path) -> int | None:
     return pid if ours else None
 
 
-def cmd_serve(state: Path, with_agent: bool) -> int:
+def cmd_serve(state: Path, with_agent: bool, with_kueue: bool = False) -> int:
     """Run every component in the foreground until SIGTERM/SIGINT."""
     env = LocalEnv(state.resolve())
     if with_agent:
         from .agents import start_agent  # the node agent runs the pods
 
         env.extra_start.append(start_agent)
+    if with_kueue:
+        from .kueue import start_kueue  # admits Jobs labelled kueue.x-k8s.io/queue-name
+
+        env.extra_start.append(start_kueue)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -65,7 +69,7 @@ def cmd_serve(state: Path, with_agent: bool) -> int:
     return 0
 
 
-def cmd_up(state: Path, with_agent: bool, timeout: float) -> int:
+def cmd_up(state: Path, with_agent: bool, timeout: float, with_kueue: bool = False) -> int:
     pid = _read_pid(state)
     if pid and pid_alive(pid):
         if (state / READY_FILE).exists():
@@ -78,7 +82,8 @@ def cmd_up(state: Path, with_agent: bool, timeout: float) -> int:
     (state / READY_FILE).unlink(missing_ok=True)
     # Build in the foreground so build errors reach the terminal directly.
     try:
-        tools.build_all(["etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "versitygw"])
+        names = ["etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "versitygw"]
+        tools.build_all(names + (["kueue"] if with_kueue else []))
     except tools.ToolBuildError as err:
         log(f"error: {err}")
         return 1
@@ -87,6 +92,8 @@ def cmd_up(state: Path, with_agent: bool, timeout: float) -> int:
     argv = [sys.executable, "-m", "kubetune_localenv", "serve", "--state", str(state.resolve())]
     if not with_agent:
         argv.append("--no-agent")
+    if with_kueue:
+        argv.append("--with-kueue")
     with (supervisor_log / "supervisor.log").open("ab") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--state", type=Path, default=DEFAULT_STATE)
         p.add_argument("--no-agent", action="store_true", help="do not start the node agent")
+        p.add_argument("--with-kueue", action="store_true", help="also start Kueue (batch/job integration)")
         if name == "up":
             p.add_argument("--timeout", type=float, default=1800.0)
     for name in ("down", "status"):
@@ -182,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown tool {', '.join(unknown)} (known: {', '.join(tools.TOOLS)})")
         return tools.main(args.names)
     if args.command == "up":
-        return cmd_up(args.state, not args.no_agent, args.timeout)
+        return cmd_up(args.state, not args.no_agent, args.timeout, args.with_kueue)
     if args.command == "serve":
-        return cmd_serve(args.state, not args.no_agent)
+        return cmd_serve(args.state, not args.no_agent, args.with_kueue)
     if args.command == "down":
         return cmd_down(args.state)
     return cmd_status(args.state)

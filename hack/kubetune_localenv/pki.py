@@ -181,3 +181,33 @@ def create(directory: Path, service_ip: str = "10.0.0.1") -> Pki:
         )
     )
     return pki
+
+
+def issue_serving_cert(pki: Pki, crt: Path, key: Path, common_name: str) -> None:
+    """Write a serving certificate for 127.0.0.1 and localhost, signed by ``pki``'s CA.
+
+    For servers other than the API server that must speak TLS on loopback (Kueue's webhook
+    server); ``pki`` must already hold the CA that :func:`create` wrote.
+    """
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, rsa.RSAPrivateKey):
+        raise TypeError(f"{pki.ca_key} is not an RSA key")
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_crt.read_bytes())
+    server_key = _key()
+    sans: list[x509.GeneralName] = [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.DNSName("localhost"),
+    ]
+    crt.parent.mkdir(parents=True, exist_ok=True)
+    _write_key(key, server_key)
+    _write_cert(
+        crt,
+        _sign(
+            _name(common_name),
+            server_key.public_key(),
+            ca_cert.subject,
+            ca_key,
+            usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+            sans=sans,
+        ),
+    )

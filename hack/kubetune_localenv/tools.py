@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -96,6 +97,13 @@ TOOLS: dict[str, GoTool] = {
             "github.com/zegl/kube-score/cmd/kube-score",
             "github.com/zegl/kube-score",
             ("-X main.version={version}",),
+        ),
+        GoTool(
+            "kueue",
+            "kueue",
+            "sigs.k8s.io/kueue/cmd/kueue",
+            "sigs.k8s.io/kueue",
+            ("-X sigs.k8s.io/kueue/pkg/version.GitVersion={version}",),
         ),
         GoTool(
             "versitygw",
@@ -207,6 +215,33 @@ def _build_locked(tool: GoTool, target: Path, quiet: bool) -> Path:
         took = time.monotonic() - started
         print(f"kubetune: built {tool.name} in {took:.0f}s -> {target}", file=sys.stderr, flush=True)
     return target
+
+
+def module_dir(name: str) -> Path:
+    """The source folder of ``name``'s pinned module in Go's module cache (downloaded if missing).
+
+    For files a tool ships beside its binary (Kueue's CRDs): read at the pinned version, not copied
+    into the repository.
+    """
+    tool = TOOLS[name]
+    version = pinned_version(tool)
+    env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod")
+    proc = subprocess.run(
+        [_find_go(), "mod", "download", "-json", f"{tool.module}@{version}"],
+        cwd=TOOLS_DIR / tool.tool_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    try:
+        info = json.loads(proc.stdout)
+    except ValueError:
+        info = {}
+    if proc.returncode != 0 or not info.get("Dir"):
+        detail = info.get("Error") or proc.stderr.strip()
+        raise ToolBuildError(f"downloading {tool.module}@{version} failed: {detail}")
+    return Path(info["Dir"])
 
 
 def build_all(names: list[str] | None = None) -> dict[str, Path]:
