@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     WORLD_SIZE_MISMATCH = 44, "the launcher started a different number of processes than GPUs were requested"
     SCRATCH_TOO_SMALL = 45, "the model and data do not fit the scratch disk (resources.scratch)"
     OUTPUT_NOT_WRITABLE = 46, "the output prefix cannot be written: no such bucket, or access denied"
+    SECRET_MISSING = 47, "a Secret (or a key of it) that the spec names does not exist in the namespace"
 
 
 #: Every code above: retrying the same pod with the same input fails the same way.

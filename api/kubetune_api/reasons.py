@@ -211,6 +211,13 @@ class Reason(StrEnum):
         "kubetune",
         F,
     )
+    SECRET_MISSING = (
+        "SecretMissing",
+        "a Secret or key named by storage.credentialsSecretRef or model.tokenSecretRef is gone (exit 47)",
+        True,
+        "kubetune",
+        F,
+    )
     OOM_KILLED = "OOMKilled", "the trainer ran out of memory (resources.memory)", True, "kubelet", F
     DEADLINE_EXCEEDED = (
         "DeadlineExceeded",
@@ -268,6 +275,7 @@ EXIT_CODE_REASONS: Final = {
     ExitCode.WORLD_SIZE_MISMATCH: Reason.WORLD_SIZE_MISMATCH,
     ExitCode.SCRATCH_TOO_SMALL: Reason.SCRATCH_TOO_SMALL,
     ExitCode.OUTPUT_NOT_WRITABLE: Reason.OUTPUT_NOT_WRITABLE,
+    ExitCode.SECRET_MISSING: Reason.SECRET_MISSING,
 }
 
 

@@ -49,6 +49,16 @@ from .spec import (
 KUBETUNE_VERSION: Final = "0.1.0"
 
 
+class SecretFilesSpec(ApiModel):
+    """Which Secrets the operator mounted as files (:mod:`kubetune_api.wellknown`); the config
+    names no Secret. A mounted one without its files is a missing Secret or key."""
+
+    storage_credentials: bool = False
+    """storage.credentialsSecretRef is mounted at STORAGE_CREDENTIALS_DIR."""
+    hub_token: bool = False
+    """model.tokenSecretRef is mounted at HUB_TOKEN_DIR."""
+
+
 class ReportingSpec(ApiModel):
     """Where the trainer reports progress: its own FineTuneJob's status."""
 
@@ -98,6 +108,8 @@ class TrainerConfig(ApiModel):
     """GPUs requested; the trainer fails if the launched world size differs. 0 = CPU."""
     work_dir: str = Field(default=wellknown.WORK_DIR, min_length=1)
     """Local scratch folder (an emptyDir in the pod): downloads, checkpoints before upload."""
+    secret_files: SecretFilesSpec = SecretFilesSpec()
+    """Which Secrets the pod has as files."""
     scratch_bytes: int | None = Field(default=None, ge=0)
     """The scratch volume's size limit (spec.resources.scratch); unset: the disk's free space."""
 
@@ -123,6 +135,10 @@ class TrainerConfig(ApiModel):
             reporting=reporting,
             gpus=spec.resources.gpus,
             scratch_bytes=None if scratch is None else int(quantity_value(scratch)),
+            secret_files=SecretFilesSpec(
+                storage_credentials=spec.storage.credentials_secret_ref is not None,
+                hub_token=spec.model.token_secret_ref is not None,
+            ),
         )
 
     def fingerprint(self) -> str:

@@ -145,7 +145,14 @@ class PodSpecResolver:
 
     # -- volumes -----------------------------------------------------------------
     def _write_items(
-        self, target: Path, data: dict[str, bytes], items: list[JSON] | None, mode: int, source: str
+        self,
+        target: Path,
+        data: dict[str, bytes],
+        items: list[JSON] | None,
+        mode: int,
+        source: str,
+        *,
+        optional: bool = False,
     ) -> None:
         if not items:
             for key, value in data.items():
@@ -153,6 +160,8 @@ class PodSpecResolver:
             return
         for item in items:
             key = str(item["key"])
+            if key not in data and optional:  # as the kubelet: an optional source's missing key is skipped
+                continue
             if key not in data:
                 raise NotReadyError("FailedMount", f"{source}: key {key!r} not found")
             _write_file(target / str(item["path"]), data[key], int(item.get("mode") or mode))
@@ -160,9 +169,10 @@ class PodSpecResolver:
     def _write_source(self, target: Path, source: JSON, mode: int, kind: str) -> None:
         """One configmap/secret source (a volume or a projection) into ``target``."""
         name = str(source.get("name") or source.get("secretName") or "")
-        data = self._object_data(kind, name, bool(source.get("optional")))
+        optional = bool(source.get("optional"))
+        data = self._object_data(kind, name, optional)
         if data is not None:
-            self._write_items(target, data, source.get("items"), mode, f'{kind} "{name}"')
+            self._write_items(target, data, source.get("items"), mode, f'{kind} "{name}"', optional=optional)
 
     def _write_downward(self, target: Path, items: list[JSON], mode: int) -> None:
         for item in items:

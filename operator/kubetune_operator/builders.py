@@ -220,6 +220,10 @@ def _secret_volumes(spec: FineTuneJobSpec) -> list[tuple[Obj, Obj]]:
                 "secretName": secret_name,
                 "items": [{"key": key, "path": path} for key, path in items.items()],
                 "defaultMode": SECRET_FILE_MODE,
+                # Optional: a missing Secret or key would leave the pod in ContainerCreating,
+                # holding its GPU, with the reason only in an Event. Mounted empty instead, the
+                # trainer fails at once naming it (exit 47, SecretMissing).
+                "optional": True,
             },
         }
         return volume, {"name": name, "mountPath": where, "readOnly": True}
@@ -330,12 +334,23 @@ def pod_template(ftj: Body, image: str) -> Obj:
 
 
 def desired_suspend(spec: FineTuneJobSpec) -> bool | None:
-    """What the Job's ``spec.suspend`` should be; ``None`` when Kueue decides (queued, not suspended)."""
-    if spec.suspend:
-        return True
+    """What the Job's ``spec.suspend`` should be; ``None`` when Kueue decides.
+
+    With a queue, Kueue owns ``spec.suspend`` (it unsuspends what it admits, and would undo a
+    suspend by anyone else): kubetune suspends through the Workload instead (:func:`workload_patch`).
+    """
     if spec.scheduling.queue_name:
         return None
-    return False
+    return spec.suspend
+
+
+def workload_patch(spec: FineTuneJobSpec, workload: Mapping[str, Any]) -> Obj | None:
+    """A merge patch of Kueue's Workload for the Job: ``spec.active`` follows ``spec.suspend``
+    (Kueue's own switch: inactive evicts a running workload and keeps it from being admitted)."""
+    active = not spec.suspend
+    if workload.get("spec", {}).get("active", True) == active:
+        return None
+    return {"spec": {"active": active}}
 
 
 def lifecycle_fields(spec: FineTuneJobSpec) -> Obj:

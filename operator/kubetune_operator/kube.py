@@ -56,6 +56,8 @@ SERVICEACCOUNTS: Final = Resource("v1", "serviceaccounts")
 ROLES: Final = Resource("rbac.authorization.k8s.io/v1", "roles")
 ROLEBINDINGS: Final = Resource("rbac.authorization.k8s.io/v1", "rolebindings")
 NETWORKPOLICIES: Final = Resource("networking.k8s.io/v1", "networkpolicies")
+#: Kueue's Workload (one per queued Job, labelled with the Job's uid); v1beta2 is its storage version.
+WORKLOADS: Final = Resource("kueue.x-k8s.io/v1beta2", "workloads")
 
 _BY_KIND: Final = {
     ("v1", "ConfigMap"): CONFIGMAPS,

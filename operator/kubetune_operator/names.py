@@ -20,6 +20,8 @@ LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_FINETUNEJOB: Final = f"{GROUP}/finetunejob"
 LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+#: Kueue labels each Workload with the uid of the Job it stands for.
+LABEL_KUEUE_JOB_UID: Final = "kueue.x-k8s.io/job-uid"
 MANAGED_BY: Final = "kubetune"
 APP_NAME: Final = "kubetune-trainer"
 

@@ -19,7 +19,7 @@ from kubetune_api.coordinates import GROUP
 from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase, Reason
 
 from . import builders, names, status
-from .kube import FINETUNEJOBS, JOBS, PODS, SERVICEACCOUNTS, Kube, KubeError
+from .kube import FINETUNEJOBS, JOBS, PODS, SERVICEACCOUNTS, WORKLOADS, Kube, KubeError
 
 log = logging.getLogger(__name__)
 #: Answers that refuse a child for a reason the user (or an admin) must fix: bad request (strict
@@ -147,12 +147,37 @@ class Reconciler:
             )
 
     def align_job(self, ftj: Mapping[str, Any], job: Obj) -> Obj:
-        """Apply spec.suspend and spec.lifecycle changes to the Job."""
+        """Apply spec.suspend and spec.lifecycle changes to the Job (and, queued, to its Workload)."""
+        if status.verdict(ftj, job, []).phase in TERMINAL_PHASES:
+            return job
+        self.align_workload(ftj, job)
         patch = builders.job_patch(ftj, job)
-        if patch is None or status.verdict(ftj, job, []).phase in TERMINAL_PHASES:
+        if patch is None:
             return job
         meta = job["metadata"]
         return self.kube.patch(JOBS, meta["namespace"], meta["name"], patch)
+
+    def align_workload(self, ftj: Mapping[str, Any], job: Obj) -> None:
+        """With a queue, spec.suspend sets Kueue's Workload ``spec.active`` (Kueue owns the Job's
+        ``spec.suspend`` and would undo a change to it); Kueue then evicts or re-admits the Job."""
+        spec = builders.spec_of(ftj)
+        if not spec.scheduling.queue_name:
+            return
+        # Only when the Job is not where spec.suspend wants it (a list per change, not per event).
+        if bool(job.get("spec", {}).get("suspend")) == spec.suspend and not spec.suspend:
+            return
+        meta = job["metadata"]
+        try:
+            selector = f"{names.LABEL_KUEUE_JOB_UID}={meta['uid']}"
+            workloads = self.kube.list(WORKLOADS, meta["namespace"], selector)
+        except KubeError as err:
+            if err.status == 404:  # Kueue is not installed: nothing admits the Job either
+                return
+            raise
+        for workload in workloads:
+            patch = builders.workload_patch(spec, workload)
+            if patch is not None:
+                self.kube.patch(WORKLOADS, meta["namespace"], workload["metadata"]["name"], patch)
 
     def hold_outcome(self, job: Obj, hold: bool) -> Obj | None:
         """Add or remove :data:`OUTCOME_FINALIZER` (other finalizers kept); the Job, None if gone."""

@@ -227,8 +227,16 @@ def verdict(
         return Verdict(Phase.SUCCEEDED, Reason.COMPLETED, summary.strip() or "training completed")
     if _job_condition(job, "Failed", "FailureTarget"):
         return _failed_verdict(job, pods)
+    spec = ftj.get("spec", {})
     if job.get("spec", {}).get("suspend"):
-        return _suspended_job_verdict(ftj.get("spec", {}), job)
+        return _suspended_job_verdict(spec, job)
+    if spec.get("suspend") and spec.get("scheduling", {}).get("queueName"):
+        # Kueue suspends the Job once it has evicted the deactivated Workload.
+        return Verdict(
+            Phase.SUSPENDED,
+            Reason.SUSPENDING,
+            "Kueue is evicting the deactivated workload; checkpoints are kept",
+        )
     return _active_job_verdict(job, pods)
 
 

@@ -26,6 +26,7 @@ NAMESPACED_VERBS = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
     ("", "events"): {"create", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create"},
+    ("kueue.x-k8s.io", "workloads"): {"list", "patch"},
 }
 
 

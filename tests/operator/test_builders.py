@@ -385,8 +385,14 @@ def test_job_patch_leaves_a_queued_job_to_kueue(make_ftj: Any) -> None:
     admitted = builders.job(ftj, TRAINER_IMAGE)
     admitted["spec"]["suspend"] = False  # Kueue admitted it
     assert builders.job_patch(ftj, admitted) is None
-    assert builders.job_patch(make_ftj(scheduling={"queueName": "team-a"}, suspend=True), admitted) == {
-        "spec": {"suspend": True}
+    # Kueue owns spec.suspend (it would undo it): suspending goes through the Workload.
+    suspended = make_ftj(scheduling={"queueName": "team-a"}, suspend=True)
+    assert builders.job_patch(suspended, admitted) is None
+    workload = {"spec": {"active": True, "queueName": "team-a"}}
+    assert builders.workload_patch(builders.spec_of(suspended), workload) == {"spec": {"active": False}}
+    assert builders.workload_patch(builders.spec_of(ftj), workload) is None
+    assert builders.workload_patch(builders.spec_of(ftj), {"spec": {"active": False}}) == {
+        "spec": {"active": True}
     }
 
 

@@ -4,13 +4,15 @@ each with its own exit code and a message that says what to change (real trainer
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kubetune_api.exitcodes import ExitCode
-from kubetune_api.trainer import TrainerConfig
+from kubetune_api.trainer import SecretFilesSpec, TrainerConfig
 from kubetune_trainer import preflight
+from kubetune_trainer.errors import SecretMissingError
 from kubetune_trainer.storage import ObjectStore
 
 from .conftest import TrainerRun, alpaca_records, to_jsonl
@@ -90,3 +92,26 @@ def test_scratch_need_counts_the_model_folder_the_data_and_a_merged_copy(
 
     assert (need.model, need.data, need.merged) == (5002, 1000, 5002)
     assert need.total == int((5002 * 2 + 1000) * 1.1) + 1
+
+
+def test_an_empty_secret_volume_names_the_missing_secret(tmp_path: Path) -> None:
+    storage, hub = tmp_path / "storage", tmp_path / "hub"
+    storage.mkdir()
+    hub.mkdir()
+    preflight.check_secret_files(SecretFilesSpec(), storage, hub)  # none referenced: empty folders are fine
+    mounted = SecretFilesSpec(storage_credentials=True, hub_token=True)
+    with pytest.raises(SecretMissingError) as caught:
+        preflight.check_secret_files(mounted, storage, hub)
+    message = str(caught.value)
+    assert (
+        "storage.credentialsSecretRef: the Secret, or its key for access key id and secret access key"
+        in message
+    )
+    assert "model.tokenSecretRef" in message
+    assert "create it" in message
+    (storage / "access-key-id").write_text("id")
+    with pytest.raises(SecretMissingError, match="its key for secret access key "):
+        preflight.check_secret_files(mounted, storage, hub)
+    (storage / "secret-access-key").write_text("key")
+    (hub / "token").write_text("hf_x")
+    preflight.check_secret_files(mounted, storage, hub)

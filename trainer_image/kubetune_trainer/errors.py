@@ -123,3 +123,9 @@ class OutputNotWritableError(TrainerError):
             "give the credentials (storage.credentialsSecretRef or the pod's identity) "
             "s3:PutObject and s3:DeleteObject on this prefix"
         )
+
+
+class SecretMissingError(TrainerError):
+    """A Secret the spec names (or one of its keys) is missing: its volume is mounted empty."""
+
+    exit_code = ExitCode.SECRET_MISSING

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune_api import wellknown
-from kubetune_api.trainer import TrainerConfig
+from kubetune_api.trainer import SecretFilesSpec, TrainerConfig
 
-from .errors import ObjectAccessError, OutputNotWritableError, ScratchTooSmallError
+from .errors import ObjectAccessError, OutputNotWritableError, ScratchTooSmallError, SecretMissingError
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,34 @@ class ScratchNeed:
     @property
     def total(self) -> int:
         return math.ceil((self.model + self.data + self.merged) * (1 + HEADROOM))
+
+
+def check_secret_files(
+    mounted: SecretFilesSpec,
+    storage_dir: Path = Path(wellknown.STORAGE_CREDENTIALS_DIR),
+    hub_dir: Path = Path(wellknown.HUB_TOKEN_DIR),
+) -> None:
+    """The operator mounts the Secrets the spec names as optional volumes (a missing one would
+    leave the pod in ContainerCreating, holding its GPU): mounted without its files means the
+    Secret, or a key of it, does not exist."""
+    missing = []
+    if mounted.storage_credentials:
+        wanted = (wellknown.ACCESS_KEY_ID_FILE, wellknown.SECRET_ACCESS_KEY_FILE)
+        absent = [name.replace("-", " ") for name in wanted if not (storage_dir / name).is_file()]
+        if absent:
+            missing.append(
+                f"storage.credentialsSecretRef: the Secret, or its key for {' and '.join(absent)} "
+                "(accessKeyIdKey, secretAccessKeyKey), does not exist in the FineTuneJob's namespace"
+            )
+    if mounted.hub_token and not (hub_dir / wellknown.HUB_TOKEN_FILE).is_file():
+        missing.append(
+            "model.tokenSecretRef: the Secret, or its key, does not exist in the FineTuneJob's namespace"
+        )
+    if missing:
+        raise SecretMissingError(
+            "; ".join(missing) + ": create it (kubectl create secret generic ...), then delete and "
+            "apply the FineTuneJob again (checkpoints and the output prefix are reused)"
+        )
 
 
 def check_output_writable(store: ObjectStore, output_uri: str) -> None:

@@ -240,6 +240,7 @@ def publish(ctx: RunContext, built: Built, metrics: dict[str, Any]) -> None:
 def run(cfg: TrainerConfig) -> dict[str, Any]:
     """Train and publish; returns the summary (also written to the termination message)."""
     ctx = prepare(cfg)
+    preflight.check_secret_files(cfg.secret_files)
     # Before anything else reads the output prefix: a missing bucket is OutputNotWritable.
     if ctx.is_main:
         preflight.check_output_writable(ctx.store, cfg.output.uri)

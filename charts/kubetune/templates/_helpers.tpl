@@ -126,6 +126,11 @@ the ClusterRole; in namespace-scoped mode into a Role in each watched namespace.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create"]
+# Kueue's Workload of a queued Job: spec.suspend sets its spec.active (Kueue owns the Job's
+# spec.suspend). Harmless where Kueue is not installed.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 # Kubernetes Events on phase transitions.
 - apiGroups: [""]
   resources: ["events"]
