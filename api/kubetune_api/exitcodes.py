@@ -1,4 +1,4 @@
-"""The trainer's exit codes that mean "a retry cannot help".
+"""The trainer's exit codes, most of which mean "a retry cannot help".
 
 The operator's podFailurePolicy fails the Job at once on these, and its status names the reason
 (:data:`kubetune_api.reasons.EXIT_CODE_REASONS`).
@@ -13,11 +13,13 @@ class ExitCode(IntEnum):
     """Exit codes of ``python -m kubetune_trainer`` besides 0 (success) and 1 (a crash)."""
 
     meaning: str
+    retryable: bool
 
-    def __new__(cls, value: int, meaning: str) -> ExitCode:
+    def __new__(cls, value: int, meaning: str, retryable: bool = False) -> ExitCode:
         member = int.__new__(cls, value)
         member._value_ = value
         member.meaning = meaning
+        member.retryable = retryable
         return member
 
     INVALID_DATA = 42, "bad records, or input objects that are missing or unreadable"
@@ -26,7 +28,9 @@ class ExitCode(IntEnum):
     SCRATCH_TOO_SMALL = 45, "the model and data do not fit the scratch disk (resources.scratch)"
     OUTPUT_NOT_WRITABLE = 46, "the output prefix cannot be written: no such bucket, or access denied"
     SECRET_MISSING = 47, "a Secret (or a key of it) that the spec names does not exist in the namespace"
+    #: Retried by the Job (a server that is down may come back); the reason names the endpoint.
+    STORAGE_UNREACHABLE = 48, "the object store cannot be reached at storage.endpoint", True
 
 
-#: Every code above: retrying the same pod with the same input fails the same way.
-NON_RETRYABLE: tuple[int, ...] = tuple(int(code) for code in ExitCode)
+#: The codes where retrying the same pod with the same input fails the same way.
+NON_RETRYABLE: tuple[int, ...] = tuple(int(code) for code in ExitCode if not code.retryable)

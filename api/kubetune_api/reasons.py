@@ -218,6 +218,13 @@ class Reason(StrEnum):
         "kubetune",
         F,
     )
+    STORAGE_UNREACHABLE = (
+        "StorageUnreachable",
+        "the object store did not answer at storage.endpoint; retried per backoffLimit (trainer exit 48)",
+        True,
+        "kubetune",
+        F,
+    )
     OOM_KILLED = "OOMKilled", "the trainer ran out of memory (resources.memory)", True, "kubelet", F
     DEADLINE_EXCEEDED = (
         "DeadlineExceeded",
@@ -276,6 +283,7 @@ EXIT_CODE_REASONS: Final = {
     ExitCode.SCRATCH_TOO_SMALL: Reason.SCRATCH_TOO_SMALL,
     ExitCode.OUTPUT_NOT_WRITABLE: Reason.OUTPUT_NOT_WRITABLE,
     ExitCode.SECRET_MISSING: Reason.SECRET_MISSING,
+    ExitCode.STORAGE_UNREACHABLE: Reason.STORAGE_UNREACHABLE,
 }
 
 

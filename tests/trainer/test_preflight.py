@@ -115,3 +115,22 @@ def test_an_empty_secret_volume_names_the_missing_secret(tmp_path: Path) -> None
     (storage / "secret-access-key").write_text("key")
     (hub / "token").write_text("hf_x")
     preflight.check_secret_files(mounted, storage, hub)
+
+
+def test_an_endpoint_nobody_answers_is_named_and_left_to_the_jobs_retries(
+    s3_client: Any, trainer_run: TrainerRun
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    trainer_run.config["storage"] = {"endpoint": endpoint, "addressingStyle": "path", "maxAttempts": 2}
+
+    code, log = trainer_run.run(timeout=120)
+
+    assert code == ExitCode.STORAGE_UNREACHABLE, log
+    assert ExitCode.STORAGE_UNREACHABLE.retryable  # not in the podFailurePolicy's FailJob list
+    assert f"cannot reach the object store at storage.endpoint {endpoint}" in log
+    assert _termination(trainer_run)["reason"] == "StorageUnreachableError"

@@ -129,3 +129,16 @@ class SecretMissingError(TrainerError):
     """A Secret the spec names (or one of its keys) is missing: its volume is mounted empty."""
 
     exit_code = ExitCode.SECRET_MISSING
+
+
+class StorageUnreachableError(TrainerError):
+    """No connection to the object store after botocore's retries: retried by the Job."""
+
+    exit_code = ExitCode.STORAGE_UNREACHABLE
+
+    def __init__(self, endpoint: str | None, detail: str) -> None:
+        where = f"storage.endpoint {endpoint}" if endpoint else "the AWS S3 endpoint (storage.endpoint unset)"
+        super().__init__(
+            f"cannot reach the object store at {where} ({detail}): check the scheme, host and port, "
+            "and that the server is up; the Job retries (lifecycle.backoffLimit)"
+        )

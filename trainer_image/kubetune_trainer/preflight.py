@@ -6,7 +6,8 @@
   else :class:`~.errors.ScratchTooSmallError` says how much to ask for, instead of the kubelet
   evicting the pod mid-download.
 
-Connection errors are not caught here: an unreachable endpoint may be a blip, and the Job retries.
+An unreachable endpoint is :class:`~.errors.StorageUnreachableError` (exit 48), which the Job
+retries: a server that is down may come back.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from pathlib import Path
 from kubetune_api import wellknown
 from kubetune_api.trainer import SecretFilesSpec, TrainerConfig
 
-from .errors import ObjectAccessError, OutputNotWritableError, ScratchTooSmallError, SecretMissingError
+from .errors import (
+    ObjectAccessError,
+    OutputNotWritableError,
+    ScratchTooSmallError,
+    SecretMissingError,
+    StorageUnreachableError,
+)
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
@@ -72,14 +79,18 @@ def check_secret_files(
         )
 
 
-def check_output_writable(store: ObjectStore, output_uri: str) -> None:
-    """Write and delete a probe object under the output prefix."""
+def check_output_writable(store: ObjectStore, output_uri: str, endpoint: str | None = None) -> None:
+    """Write and delete a probe object under the output prefix (the first request of a run)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
     probe = join_uri(output_uri, f"{wellknown.WRITE_PROBE_PREFIX}{uuid.uuid4().hex}")
     try:
         store.put_bytes(probe, b"kubetune write probe\n", content_type="text/plain")
         store.delete(probe)
     except ObjectAccessError as err:
         raise OutputNotWritableError(output_uri, err.reason) from err
+    except BotoConnectionError as err:  # refused, timed out, no such host: after botocore's retries
+        raise StorageUnreachableError(endpoint, str(err)) from err
 
 
 def scratch_need(cfg: TrainerConfig, store: ObjectStore, work_dir: Path) -> ScratchNeed:

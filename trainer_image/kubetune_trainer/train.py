@@ -243,7 +243,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     preflight.check_secret_files(cfg.secret_files)
     # Before anything else reads the output prefix: a missing bucket is OutputNotWritable.
     if ctx.is_main:
-        preflight.check_output_writable(ctx.store, cfg.output.uri)
+        preflight.check_output_writable(ctx.store, cfg.output.uri, cfg.storage.endpoint)
     done = already_published(ctx)
     if done is not None:
         log.info("result already published at %s; nothing to do", cfg.output.uri)
