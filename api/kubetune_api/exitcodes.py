@@ -26,9 +26,10 @@ class ExitCode(IntEnum):
     INVALID_CONFIG = 43, "the config is unreadable, or inconsistent with the hardware or the output prefix"
     WORLD_SIZE_MISMATCH = 44, "the launcher started a different number of processes than GPUs were requested"
     SCRATCH_TOO_SMALL = 45, "the model and data do not fit the scratch disk (resources.scratch)"
-    OUTPUT_NOT_WRITABLE = 46, "the output prefix cannot be written: no such bucket, or access denied"
-    SECRET_MISSING = 47, "a Secret (or a key of it) that the spec names does not exist in the namespace"
-    #: Retried by the Job (a server that is down may come back); the reason names the endpoint.
+    #: Retried by the Job, as the next two: the user can fix the cause (create the bucket or
+    #: the Secret, grant access, bring the server back) without changing the spec.
+    OUTPUT_NOT_WRITABLE = 46, "the output prefix cannot be written: no such bucket, or access denied", True
+    SECRET_MISSING = 47, "a Secret (or a key of it) that the spec names does not exist in the namespace", True
     STORAGE_UNREACHABLE = 48, "the object store cannot be reached at storage.endpoint", True
 
 

@@ -35,7 +35,7 @@ def test_every_failure_is_a_warning_and_nothing_else_is_by_default() -> None:
 
 def test_every_exit_code_has_a_failure_reason() -> None:
     assert set(EXIT_CODE_REASONS) == set(ExitCode)
-    assert NON_RETRYABLE == (42, 43, 44, 45, 46, 47)  # 48 (StorageUnreachable) is retried
+    assert NON_RETRYABLE == (42, 43, 44, 45)  # 46-48: the user can fix the cause, so the Job retries
     for code, reason in EXIT_CODE_REASONS.items():
         assert reason.phases == (Phase.FAILED,)
         assert f"exit {int(code)}" in reason.meaning

@@ -63,7 +63,7 @@ def test_apply_creates_the_children(operator: Any, harness: Any) -> None:
     spec = job["spec"]
     assert spec["backoffLimit"] == 2
     assert spec["activeDeadlineSeconds"] == 3600
-    assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [42, 43, 44, 45, 46, 47]
+    assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [42, 43, 44, 45]
     pod_spec = spec["template"]["spec"]
     assert pod_spec["serviceAccountName"] == "sft-trainer"
     assert pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"

@@ -103,12 +103,16 @@ class ScratchTooSmallError(TrainerError):
 
 
 class OutputNotWritableError(TrainerError):
-    """A probe write under ``output.uri`` was refused (no such bucket, access denied)."""
+    """A probe write under ``output.uri`` was refused (no such bucket, access denied): retried,
+    since the user can fix it without a new spec."""
 
     exit_code = ExitCode.OUTPUT_NOT_WRITABLE
 
     def __init__(self, uri: str, reason: str) -> None:
-        super().__init__(f"cannot write under output.uri {uri} ({reason}): {self._hint(reason)}")
+        super().__init__(
+            f"cannot write under output.uri {uri} ({reason}): {self._hint(reason)}; the Job retries "
+            "(lifecycle.backoffLimit)"
+        )
 
     @staticmethod
     def _hint(reason: str) -> str:

@@ -74,8 +74,8 @@ def check_secret_files(
         )
     if missing:
         raise SecretMissingError(
-            "; ".join(missing) + ": create it (kubectl create secret generic ...), then delete and "
-            "apply the FineTuneJob again (checkpoints and the output prefix are reused)"
+            "; ".join(missing) + ": create it (kubectl create secret generic ...); the Job retries "
+            "(lifecycle.backoffLimit), and the next attempt reads it"
         )
 
 
