@@ -35,3 +35,7 @@ class ExitCode(IntEnum):
 
 #: The codes where retrying the same pod with the same input fails the same way.
 NON_RETRYABLE: tuple[int, ...] = tuple(int(code) for code in ExitCode if not code.retryable)
+
+#: What the trainer exits with after SIGTERM (128 + 15), once it has saved a checkpoint if it was
+#: training: the pod was stopped, the run was not at fault.
+TERMINATED_EXIT_CODE = 143

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from kubetune_api import coordinates, wellknown
 from kubetune_api.base import field_errors
-from kubetune_api.exitcodes import NON_RETRYABLE
+from kubetune_api.exitcodes import NON_RETRYABLE, TERMINATED_EXIT_CODE
 from kubetune_api.spec import FineTuneJobSpec
 from kubetune_api.trainer import ReportingSpec, TrainerConfig
 
@@ -384,6 +384,16 @@ def job(ftj: Body, default_image: str) -> Obj:
                         "containerName": names.TRAINER_CONTAINER,
                         "operator": "In",
                         "values": list(NON_RETRYABLE),
+                    },
+                },
+                # The trainer exits 143 only after SIGTERM, having saved a checkpoint when it was
+                # training: a deleted pod (which gets no DisruptionTarget) resumes, uncounted.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": names.TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [TERMINATED_EXIT_CODE],
                     },
                 },
                 # Node drains, preemption and evictions do not count against backoffLimit.

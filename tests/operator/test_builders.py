@@ -157,11 +157,17 @@ def test_job_failure_policy_and_lifecycle(make_ftj: Any) -> None:
     assert spec["ttlSecondsAfterFinished"] == 600
     assert spec["suspend"] is False
     assert spec["podReplacementPolicy"] == "Failed"
-    fail_job, ignore = spec["podFailurePolicy"]["rules"]
+    fail_job, stopped, disrupted = spec["podFailurePolicy"]["rules"]
     assert fail_job["action"] == "FailJob"
     assert fail_job["onExitCodes"]["containerName"] == "trainer"
     assert ExitCode.INVALID_DATA in fail_job["onExitCodes"]["values"]
-    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert ExitCode.STORAGE_UNREACHABLE not in fail_job["onExitCodes"]["values"]  # retried
+    # A deleted pod gets no DisruptionTarget; the trainer saved and exited 143: not a failure.
+    assert stopped == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]},
+    }
+    assert disrupted == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
 
 
 def test_pod_gets_time_to_save_a_checkpoint_on_sigterm(make_ftj: Any) -> None:
@@ -201,6 +207,7 @@ def test_secrets_reach_the_trainer_only_as_files_in_secret_volumes(make_ftj: Any
             {"key": "token", "path": "session-token"},
         ],
         "defaultMode": 0o440,  # the trainer's group (fsGroup) only
+        "optional": True,  # a missing Secret is the trainer's SecretMissing, not a stuck pod
     }
     assert mounts["storage-credentials"] == {
         "name": "storage-credentials",
