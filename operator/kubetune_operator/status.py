@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from kubetune_api.exitcodes import TERMINATED_EXIT_CODE
 from kubetune_api.reasons import EXIT_CODE_REASONS, TERMINAL_PHASES, ConditionType, Phase, Reason
 from kubetune_api.status import MAX_MESSAGE, OPERATOR_FIELDS, rfc3339
 
@@ -99,11 +100,28 @@ def _latest_terminated(pods: Sequence[Body]) -> Body | None:
     return _by_age(done)[-1] if done else None
 
 
+#: How the status says that a stopped pod does not count (the Job's podFailurePolicy ignores it).
+NOT_COUNTED = "not counted against lifecycle.backoffLimit"
+
+
 def pod_failure(pod: Body) -> tuple[str, str]:
     """Why one trainer pod failed: (reason, message), from its container state or the pod."""
     terminated = _terminated(pod) or {}
     exit_code = terminated.get("exitCode")
     detail = (terminated.get("message") or "").strip()
+    disruption = next(
+        (
+            c
+            for c in pod.get("status", {}).get("conditions") or []
+            if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        ),
+        None,
+    )
+    if disruption is not None:  # drained, preempted, evicted: its log tail would say nothing useful
+        why = str(disruption.get("message") or disruption.get("reason") or "disrupted")
+        return Reason.EVICTED, f"{why} ({disruption.get('reason', 'DisruptionTarget')}; {NOT_COUNTED})"
+    if exit_code == TERMINATED_EXIT_CODE:
+        return Reason.ERROR, f"stopped by SIGTERM after saving its checkpoint (pod deleted?); {NOT_COUNTED}"
     if terminated.get("reason") == Reason.OOM_KILLED:
         return Reason.OOM_KILLED, detail or "the trainer ran out of memory (OOMKilled)"
     if exit_code in EXIT_CODE_REASONS:

@@ -201,6 +201,26 @@ def test_deadline_exceeded(make_ftj: Any) -> None:
     assert (result["phase"], result["reason"]) == ("Failed", "DeadlineExceeded")
 
 
+def test_a_disrupted_or_deleted_pod_says_it_does_not_count(make_ftj: Any) -> None:
+    evicted = _pod("Failed", terminated=_terminated(137, message="...2 KiB of log tail..."))
+    evicted["status"]["conditions"] = [
+        {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": "EvictionByEvictionAPI",
+            "message": "Eviction API: evicting",
+        }
+    ]
+    reason, message = status.pod_failure(evicted)
+    assert reason == "Evicted"
+    assert (
+        message
+        == "Eviction API: evicting (EvictionByEvictionAPI; not counted against lifecycle.backoffLimit)"
+    )
+    deleted = _pod("Failed", terminated=_terminated(143, message='{"phase": "Interrupted"}'))
+    assert "stopped by SIGTERM after saving its checkpoint" in status.pod_failure(deleted)[1]
+
+
 def test_evicted_pod_reason(make_ftj: Any) -> None:
     ftj = make_ftj()
     pod = _pod("Failed")
