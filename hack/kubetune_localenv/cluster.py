@@ -105,6 +105,12 @@ class ManagedProcess:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start (or start again: same argv, so the same ports) the process.
+
+        Call it from a thread that lives as long as the process should: ``PR_SET_PDEATHSIG``
+        fires when the *thread* that forked the child exits, so a component started again from a
+        short-lived helper thread is SIGKILLed when that thread ends.
+        """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3
+
 from kubetune_operator.kube import Kube, KubeError
 
 from . import images
@@ -205,6 +207,8 @@ class Agent:
         while not self.stop.is_set():
             try:
                 self.reconcile()
+            except urllib3.exceptions.HTTPError as exc:  # no answer (an API server restarting)
+                log.warning("reconcile: API server unreachable, retrying in %.0fs: %s", RESYNC_SECONDS, exc)
             except Exception:
                 log.exception("reconcile failed")
             self.wake.wait(RESYNC_SECONDS)

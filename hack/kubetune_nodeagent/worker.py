@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3
+
 from kubetune_api.status import rfc3339
 from kubetune_operator.kube import Kube, KubeError
 
@@ -31,6 +33,10 @@ JSON = dict[str, Any]
 RETRY_SECONDS = 2.0
 IMAGE_RETRY_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 300.0
+#: What a call to the API server raises: an error answer, or none (refused, reset, timed out:
+#: a restarting API server). Both are retried; neither may end the worker, whose cleanup kills
+#: the pod's containers.
+API_ERRORS = (KubeError, urllib3.exceptions.HTTPError)
 
 log = logging.getLogger("nodeagent")
 
@@ -145,7 +151,7 @@ class PodWorker(threading.Thread):
             for run in self.all_runs:
                 run.state = {"waiting": {"reason": "ContainerCreating", "message": message}}
             return
-        except KubeError as exc:
+        except API_ERRORS as exc:
             log.warning("pod %s: volumes: %s", self.key, exc)
             return
         self.state.volumes_ready = True
@@ -156,7 +162,7 @@ class PodWorker(threading.Thread):
     def _step(self) -> None:
         try:
             self.resolver.refresh_tokens()
-        except KubeError as exc:
+        except API_ERRORS as exc:
             log.warning("pod %s: token refresh: %s", self.key, exc)
         if not self.state.initialized:
             self._step_init()
@@ -226,7 +232,7 @@ class PodWorker(threading.Thread):
         except NotReadyError as exc:
             run.wait("CreateContainerConfigError", exc.message, RETRY_SECONDS)
             return
-        except KubeError as exc:
+        except API_ERRORS as exc:
             run.wait("CreateContainerConfigError", str(exc), RETRY_SECONDS)
             return
         argv = _argv(run, rule, env)
@@ -289,6 +295,8 @@ class PodWorker(threading.Thread):
         except KubeError as exc:
             if exc.status not in (404, 409):
                 log.warning("pod %s: delete: %s", self.key, exc)
+        except urllib3.exceptions.HTTPError as exc:  # the agent deletes it once it sees it again
+            log.warning("pod %s: delete: %s", self.key, exc)
 
 
 def _argv(run: ContainerRun, rule: images.ImageRule, env: dict[str, str]) -> list[str]:

@@ -55,6 +55,35 @@ def test_reporting_failures_are_logged_once_and_never_raise(caplog: pytest.LogCa
     assert sum("could not patch" in r.message for r in caplog.records) == 1
 
 
+def test_reporting_that_works_again_is_logged_with_the_failures_and_a_new_outage_is_logged_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An API server restart: one warning when patches start failing, one line when they work again."""
+    up = [False]
+    sent: list[dict[str, Any]] = []
+
+    def send(progress: dict[str, Any]) -> None:
+        if not up[0]:
+            raise ConnectionError("apiserver unreachable")
+        sent.append(progress)
+
+    reporter = ProgressReporter(send=send, interval=0.0)
+    with caplog.at_level(logging.INFO, logger="kubetune_trainer.reporting"):
+        for step in range(3):
+            assert not reporter.update({"step": step})
+        up[0] = True
+        assert reporter.update({"step": 3})
+        assert reporter.update({"step": 4})
+        up[0] = False
+        assert not reporter.update({"step": 5})
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("could not patch" in m for m in messages) == 2  # once per outage
+    assert [m for m in messages if "patched again" in m] == [
+        "progress: the FineTuneJob status is patched again, after 3 failed attempt(s)"
+    ]
+    assert [s["step"] for s in sent] == [3, 4]
+
+
 def test_a_field_status_does_not_know_is_dropped_and_the_rest_is_sent(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

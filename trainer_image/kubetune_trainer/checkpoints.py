@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -59,14 +60,19 @@ def list_checkpoints(
 def upload_checkpoint(
     store: ObjectStore, local_dir: Path, output_uri: str, step: int, fingerprint: str | None = None
 ) -> RemoteCheckpoint:
-    """Upload a Trainer checkpoint folder, then its completion marker (naming the run)."""
+    """Upload a Trainer checkpoint folder, then its completion marker (naming the run).
+
+    Each object waits out an unavailable store (a restart, a failover: ``ObjectStore.ride_out``)
+    instead of crashing the run and losing a save interval; the marker still goes last.
+    """
     uri = join_uri(checkpoints_uri(output_uri), f"step-{step}")
     started = time.monotonic()
-    names = store.upload_folder(local_dir, uri)
+    names = store.upload_folder(local_dir, uri, ride_out=True)
     marker: dict[str, Any] = {"step": step, "files": len(names), "time": time.time()}
     if fingerprint:
         marker["fingerprint"] = fingerprint
-    store.put_bytes(join_uri(uri, MARKER), json.dumps(marker).encode(), "application/json")
+    marker_uri, body = join_uri(uri, MARKER), json.dumps(marker).encode()
+    store.ride_out(f"upload of {marker_uri}", partial(store.put_bytes, marker_uri, body, "application/json"))
     log.info(
         "checkpoint: step %d synced to %s (%d files, %.1fs)",
         step,
@@ -90,7 +96,11 @@ def prune(store: ObjectStore, output_uri: str, keep: int | None) -> list[int]:
     """
     if keep is None:
         return []
-    complete, _ = list_checkpoints(store, output_uri)
+    try:
+        complete, _ = list_checkpoints(store, output_uri)
+    except failure_types() as exc:  # the store went away right after the marker: prune next time
+        log.warning("checkpoint: could not list the checkpoints to prune (%s); training goes on", exc)
+        return []
     doomed = complete[:-keep] if len(complete) > keep else []
     deleted: list[int] = []
     for ckpt in doomed:

@@ -2,7 +2,9 @@
 
 Reporting is best effort: training never fails because the API server is
 unreachable or the ServiceAccount lacks a permission; the first failure is
-logged once, later ones silently retried at the next interval.
+logged, later ones silently retried at the next interval, and the first patch that
+works again is logged with the number of failed ones (an API server restart shows as
+one warning and one info line).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ class ProgressReporter:
     clock: Callable[[], float] = time.monotonic
     last_sent: float | None = None
     failed_once: bool = False
+    #: Failed patches since the last one that worked.
+    failures: int = 0
     latest: dict[str, Any] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)
 
@@ -124,10 +128,16 @@ class ProgressReporter:
             body = Progress.model_validate({**self.latest, "updateTime": rfc3339()})
             self.send(body.model_dump(mode="json", by_alias=True, exclude_none=True))
         except Exception as exc:  # reporting must never fail training
+            self.failures += 1
             if not self.failed_once:
                 log.warning("progress: could not patch the FineTuneJob status (%s); training continues", exc)
                 self.failed_once = True
             return False
+        if self.failures:
+            log.info(
+                "progress: the FineTuneJob status is patched again, after %d failed attempt(s)", self.failures
+            )
+            self.failures, self.failed_once = 0, False
         return True
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +120,21 @@ def merge_adapter(base_source: str, folder: Path, cfg: TrainerConfig, precision:
 def publish(
     store: ObjectStore, folder: Path, output_uri: str, fingerprint: str | None = None
 ) -> dict[str, Any]:
-    """Upload ``folder``, then its manifest last (naming the run); returns the manifest."""
+    """Upload ``folder``, then its manifest last (naming the run); returns the manifest.
+
+    Each object waits out an unavailable store (``ObjectStore.ride_out``): a restart of the store
+    during the publish delays it instead of failing a run whose training is done.
+    """
     extra: dict[str, Any] = {"outputUri": output_uri}
     if fingerprint:
         extra["fingerprint"] = fingerprint
     manifest = build_manifest(folder, extra)
     for entry in manifest["files"]:
-        store.upload_file(folder / entry["path"], join_uri(output_uri, entry["path"]))
-    body = json.dumps(manifest, indent=2).encode()
-    store.put_bytes(join_uri(output_uri, MANIFEST), body, "application/json")
+        uri = join_uri(output_uri, entry["path"])
+        store.ride_out(f"upload of {uri}", partial(store.upload_file, folder / entry["path"], uri))
+    body, manifest_uri = json.dumps(manifest, indent=2).encode(), join_uri(output_uri, MANIFEST)
+    store.ride_out(
+        f"upload of {manifest_uri}", partial(store.put_bytes, manifest_uri, body, "application/json")
+    )
     log.info("result: %d files and %s written to %s", len(manifest["files"]), MANIFEST, output_uri)
     return manifest

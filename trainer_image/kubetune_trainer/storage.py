@@ -2,6 +2,10 @@
 
 boto3 does the work: botocore's ``standard`` retry mode (throttling, 5xx and
 connection errors with backoff) and s3transfer's multipart uploads/downloads.
+botocore's backoff for a refused connection adds up to a few seconds at most (50 ms doubling,
+``storage.maxAttempts`` tries), so the writes that carry finished work (checkpoints and the
+result) also go through :func:`ride_out_outage`, which waits out a store that is down for a
+while (restarted, failed over) instead of losing the run's progress to a crash.
 Credentials come from the mounted Secret files (:mod:`.credentials`), else boto3's own chain
 (``AWS_*`` variables, a mounted web identity token, an instance profile), never from the config.
 """
@@ -10,14 +14,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubetune_api.spec import StorageSpec, split_s3_uri
 
-from .errors import ObjectAccessError, ObjectDeleteError
+from .errors import ObjectAccessError, ObjectDeleteError, StorageUnreachableError
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -33,6 +38,16 @@ _MULTIPART_CHUNK = 64 * 1024 * 1024
 #: DeleteObjects rounds per batch (the first try included), and the pause before the second.
 _DELETE_ATTEMPTS = 3
 _DELETE_BACKOFF_S = 0.25
+#: Answers that mean the store is briefly unable to serve (a restart, a failover, overload).
+_UNAVAILABLE = {
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+}  # fmt: skip
+#: How long :func:`ride_out_outage` waits for an unreachable store, in all, before it gives up.
+OUTAGE_BUDGET_S = 300.0
+#: The pauses between its tries (the last one repeats), each after botocore's own retries.
+OUTAGE_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 10.0)
+
+T = TypeVar("T")
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -48,12 +63,79 @@ def failure_types() -> tuple[type[Exception], ...]:
     return (ObjectAccessError, ObjectDeleteError, ClientError, BotoCoreError)
 
 
-def _error_code(exc: Exception) -> str | None:
+def _error_code(exc: BaseException) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
         return str(code) if code is not None else None
     return None
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store could not be reached or could not serve just now.
+
+    Connection refused, reset or timed out (after botocore's own retries), or a 5xx/SlowDown
+    answer; also when boto3's upload wrapper (``S3UploadFailedError``) carries one. Not found,
+    access denied and other refusals are not: no waiting fixes them.
+    """
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    seen: BaseException | None = exc
+    for _ in range(4):  # the exception and what it was raised from (or while handling)
+        if seen is None:
+            break
+        if isinstance(seen, BotoConnectionError | HTTPClientError) or _error_code(seen) in _UNAVAILABLE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def ride_out_outage(
+    what: str,
+    call: Callable[[], T],
+    *,
+    endpoint: str | None = None,
+    budget_s: float = OUTAGE_BUDGET_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``call()``, tried again while the store is unavailable (:func:`is_unavailable`), for up to
+    ``budget_s`` seconds in all; each wait is logged. Other errors are raised as they are; when the
+    budget is spent, :class:`StorageUnreachableError` (exit 48, retried by the Job) naming
+    ``endpoint`` (``storage.endpoint``).
+
+    For idempotent writes only (a PUT of the same bytes to the same key): a request that failed
+    may or may not have reached the store.
+    """
+    waited_since: float | None = None
+    pauses = 0
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            now = clock()
+            waited_since = now if waited_since is None else waited_since
+            pause = OUTAGE_PAUSES_S[min(pauses, len(OUTAGE_PAUSES_S) - 1)]
+            if now - waited_since + pause > budget_s:
+                detail = f"{what}: unavailable for {now - waited_since:.0f}s, the last error: {exc}"
+                raise StorageUnreachableError(endpoint, detail) from exc
+            log.warning(
+                "storage: %s failed (%s); retrying in %.0fs (unavailable for %.0fs, waiting up to %.0fs)",
+                what,
+                exc,
+                pause,
+                now - waited_since,
+                budget_s,
+            )
+            sleep(pause)
+            pauses += 1
+            continue
+        if waited_since is not None:
+            log.info("storage: %s done after %.1fs of waiting for the store", what, clock() - waited_since)
+        return result
 
 
 @dataclass
@@ -62,6 +144,8 @@ class ObjectStore:
 
     client: S3Client
     transfer: TransferConfig
+    #: ``storage.endpoint`` (None: AWS S3), for messages.
+    endpoint: str | None = None
 
     @classmethod
     def from_spec(cls, spec: StorageSpec) -> ObjectStore:
@@ -87,7 +171,7 @@ class ObjectStore:
         transfer = TransferConfig(
             multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_MULTIPART_CHUNK, max_concurrency=8
         )
-        return cls(client=client, transfer=transfer)
+        return cls(client=client, transfer=transfer, endpoint=spec.endpoint)
 
     def _wrap(self, exc: Exception, uri: str) -> Exception:
         code = _error_code(exc)
@@ -186,6 +270,10 @@ class ObjectStore:
             raise self._wrap(exc, uri) from exc
 
     # -- writing ---------------------------------------------------------------
+    def ride_out(self, what: str, call: Callable[[], T]) -> T:
+        """``call()`` through :func:`ride_out_outage`: waits out this store being unavailable."""
+        return ride_out_outage(what, call, endpoint=self.endpoint)
+
     def upload_file(self, path: Path, uri: str) -> None:
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import ClientError
@@ -196,11 +284,18 @@ class ObjectStore:
         except (ClientError, S3UploadFailedError) as exc:
             raise self._wrap(exc, uri) from exc
 
-    def upload_folder(self, folder: Path, prefix_uri: str) -> list[str]:
-        """Upload every file under ``folder``; return the relative names, sorted."""
+    def upload_folder(self, folder: Path, prefix_uri: str, *, ride_out: bool = False) -> list[str]:
+        """Upload every file under ``folder``; return the relative names, sorted.
+
+        With ``ride_out``, each file waits out an unavailable store (:meth:`ride_out`).
+        """
         names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         for name in names:
-            self.upload_file(folder / name, join_uri(prefix_uri, name))
+            uri = join_uri(prefix_uri, name)
+            if ride_out:
+                self.ride_out(f"upload of {uri}", partial(self.upload_file, folder / name, uri))
+            else:
+                self.upload_file(folder / name, uri)
         return names
 
     def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
