@@ -9,9 +9,12 @@ metadata that only the CRD needs (immutability, int-or-string, formats) goes in
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Self, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -90,6 +93,9 @@ class ApiModel(BaseModel):
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
+        # JSON has no NaN or infinity (the API server refuses 1e400), and a config written with one
+        # would say null, which the trainer refuses.
+        allow_inf_nan=False,
     )
 
     #: Object-level CEL rules (see :class:`Rule`), emitted as the object's x-kubernetes-validations.
@@ -106,6 +112,16 @@ class ApiModel(BaseModel):
             target[CEL_KEY] = [rule.as_crd() for rule in cls.cel_rules]
         return json_schema
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """A null for a field that cannot be null means unset (so its default), as the API server
+        reads it: it prunes such a null before defaulting (``lora: null`` is the default lora)."""
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        unset = _not_nullable(cls)
+        return {key: value for key, value in data.items() if value is not None or key not in unset}
+
     @model_validator(mode="after")
     def _check_cel_rules(self) -> Self:
         for rule in type(self).cel_rules:
@@ -118,19 +134,78 @@ class ApiModel(BaseModel):
 RULE_ERROR = "cel_rule"
 
 
+@functools.cache
+def _not_nullable(model: type[ApiModel]) -> frozenset[str]:
+    """The wire names (aliases) of the fields whose type does not admit None. Only those: a null
+    under any other key (an unknown field, a Python name) is left for validation to refuse, as
+    the API server refuses an unknown field."""
+    return frozenset(
+        info.alias or name for name, info in model.model_fields.items() if not _admits_none(info.annotation)
+    )
+
+
+def _admits_none(annotation: Any) -> bool:
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    return get_origin(annotation) in (Union, UnionType) and any(_admits_none(a) for a in get_args(annotation))
+
+
+def json_kind(value: Any) -> str:
+    """What a value is, in the words of JSON and YAML (``null``, ``a number``, ``a list``), not
+    Python's type names (``NoneType``, ``int``, ``tuple``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, bytes | bytearray):
+        return "binary data"
+    return "a value of another type"
+
+
+#: pydantic's messages that speak Python ("a valid tuple", "instance of LoraSpec") -> the user's words.
+_PLAIN = {
+    "model_type": "must be an object (field: value pairs), not {kind}",
+    "model_attributes_type": "must be an object (field: value pairs), not {kind}",
+    "dict_type": "must be an object (key: value pairs), not {kind}",
+    "tuple_type": "must be a list, not {kind}",
+    "list_type": "must be a list, not {kind}",
+}
+
+
+def _path_part(part: str | int) -> str:
+    """A field name after a dot; a map key (a label key, say) or an index in brackets, as the API
+    server writes them; a key that would break the line (a line break, a bracket) quoted."""
+    if isinstance(part, str) and part.isidentifier():
+        return f".{part}"
+    if isinstance(part, str) and not (part.isprintable() and "[" not in part and "]" not in part):
+        return f"[{json.dumps(part)}]"
+    return f"[{part}]"
+
+
 def field_errors(error: ValidationError) -> list[str]:
-    """Each problem as ``spec.quantization.bits: <what to change>``, the way the API server names fields."""
+    """Each problem as ``spec.quantization.bits: <what to change>``, the way the API server names fields.
+
+    One line per error, in ``error.errors()``'s order (callers pair them up).
+    """
     lines = []
     for item in error.errors():
-        # A map key (anything but a field name: a label key, say) in brackets, as the API server writes it.
-        path = "".join(
-            f".{part}" if isinstance(part, str) and part.isidentifier() else f"[{part}]"
-            for part in item["loc"]
-        )
+        path = "".join(_path_part(part) for part in item["loc"])
         if item["type"] == RULE_ERROR:
             path += str((item.get("ctx") or {}).get("field_path", ""))
         path = path.lstrip(".")
-        lines.append(f"{path}: {item['msg']}" if path else str(item["msg"]))
+        plain = _PLAIN.get(item["type"])
+        message = plain.format(kind=json_kind(item.get("input"))) if plain else str(item["msg"])
+        lines.append(f"{path}: {message}" if path else message)
     return lines
 
 

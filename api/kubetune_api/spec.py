@@ -8,10 +8,10 @@ The trainer's config (:mod:`kubetune_api.trainer`) reuses the sections it needs.
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 from .base import (
@@ -29,13 +29,18 @@ from .base import (
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 #: A hub model id: ``name`` or ``org/name``.
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)?$"
-#: A DNS-1123 subdomain (Secret, PriorityClass names).
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-#: A non-negative Kubernetes resource quantity (``8``, ``7500m``, ``64Gi``), as apimachinery parses it.
+#: A DNS-1123 subdomain (Secret, PriorityClass names): dot-separated labels, each starting and
+#: ending with a letter or digit (``a..b`` and ``a.-b`` are refused by the objects that use them).
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+#: A non-negative Kubernetes resource quantity (``8``, ``7500m``, ``64Gi``, ``1e9``), as apimachinery
+#: parses it: its exponent is a whole number (``1e1.5`` is refused by the Job), here of at most two
+#: digits (``1e1000000`` would ask the API server for a million-digit number).
 QUANTITY_PATTERN = (
     r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]{1,2}))?$"
 )
+#: The longest quantity string (the CRD's maxLength).
+QUANTITY_MAX_LENGTH = 64
 #: A label key or other qualified name: an optional DNS-subdomain prefix and ``/``, then a name.
 QUALIFIED_NAME_PATTERN = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -51,8 +56,22 @@ IMAGE_PATTERN = (
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
     r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
 )
-#: An extended resource name such as ``nvidia.com/gpu``.
-RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+#: An extended resource name such as ``nvidia.com/gpu``: core/v1 wants a domain prefix and a name
+#: of at most 63 characters (and no ``requests.`` in front, see :data:`RESOURCE_NAME_RULE`).
+RESOURCE_NAME_PATTERN = (
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"
+)
+#: A key of a Secret (or ConfigMap), as core/v1 checks it: a Secret can hold no other key.
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - the syntax of a key's name, not a secret
+#: The largest integer the API server reads as one (Go's int64); beyond it a number is a float.
+INT64_MAX = 2**63 - 1
+#: The largest int32 (a Job's ttlSecondsAfterFinished is one).
+INT32_MAX = 2**31 - 1
+#: The largest seed the trainer can use: transformers' set_seed seeds numpy, which takes 32 bits.
+SEED_MAX = 2**32 - 1
+#: An http(s) endpoint: a host of printable ASCII (no spaces, no '/'), then an optional path. Spelled
+#: out rather than ``[^\s/]``: ``\s`` is ASCII-only in CEL's RE2 and Unicode in Python.
+ENDPOINT_PATTERN = r"^https?://[!-.0-~]+(/.*)?$"
 
 
 def cel_string(text: str) -> str:
@@ -84,23 +103,115 @@ SchedulerType = Literal[
 AddressingStyle = Literal["auto", "path", "virtual"]
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
-S3Uri = Annotated[str, Field(max_length=1024, pattern=S3_URI_PATTERN)]
-SecretName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
-SecretKey = Annotated[str, Field(min_length=1, max_length=253)]
+#: The rules below are CEL rules rather than patterns (which the API server would print as a
+#: regular expression), so that a wrong value is told what to write.
+S3_URI_RULE = FieldRule(
+    cel=f"self.matches({cel_string(S3_URI_PATTERN)})",
+    message=(
+        "must be an s3://bucket/key URI such as s3://ml-data/train.jsonl: s3:// in lower case, then a "
+        "bucket name of 3 to 63 lower-case letters, digits, '.' or '-'"
+    ),
+    check=lambda v: bool(re.fullmatch(S3_URI_PATTERN, v)),
+)
+#: A Kubernetes object name (a DNS-1123 subdomain): Secrets, PriorityClasses, ServiceAccounts, queues.
+OBJECT_NAME_RULE = FieldRule(
+    cel=f"self.matches({cel_string(DNS_SUBDOMAIN_PATTERN)})",
+    message=(
+        "must be a name of lower-case letters, digits, '-' and '.', such as my-secret or team.a: "
+        "each part between dots starting and ending with a letter or digit"
+    ),
+    check=lambda v: bool(re.fullmatch(DNS_SUBDOMAIN_PATTERN, v)),
+)
+S3Uri = Annotated[str, Field(max_length=1024), S3_URI_RULE]
+SecretName = Annotated[str, Field(min_length=1, max_length=253), OBJECT_NAME_RULE]
+#: An optional object name: ``ObjectName | None = Field(default=None, max_length=...)``.
+ObjectName = Annotated[str, OBJECT_NAME_RULE]
+Endpoint = Annotated[
+    str,
+    FieldRule(
+        cel=f"self.matches({cel_string(ENDPOINT_PATTERN)})",
+        message=(
+            "must be an http:// or https:// URL such as https://minio.example:9000: a host without "
+            "spaces, then an optional /path"
+        ),
+        check=lambda v: bool(re.fullmatch(ENDPOINT_PATTERN, v)),
+    ),
+]
+RESOURCE_NAME_RULE = FieldRule(
+    cel=f"self.matches({cel_string(RESOURCE_NAME_PATTERN)}) && !self.startsWith('requests.')",
+    message=(
+        "must be an extended resource name such as nvidia.com/gpu or amd.com/gpu: a lower-case "
+        "DNS-name prefix and '/', then up to 63 lower-case letters, digits, '-', '_' or '.'"
+    ),
+    check=lambda v: bool(re.fullmatch(RESOURCE_NAME_PATTERN, v)) and not v.startswith("requests."),
+)
+ResourceName = Annotated[str, RESOURCE_NAME_RULE]
+
+
+def _fits_int64(value: int) -> int:
+    if value > INT64_MAX:
+        raise PydanticCustomError(
+            RULE_ERROR,
+            f"must be at most {INT64_MAX} (a larger number is not an integer to the API server)",
+            {"field_path": ""},
+        )
+    return value
+
+
+#: An integer without a bound of its own: the API server reads nothing above int64 as an integer.
+#: Checked in Python only (a CRD cannot say ``maximum: 9223372036854775807``: it reads it as a float).
+#: (After any bounds of its own in an Optional: ``Annotated[int, Field(ge=1), INT64] | None``.)
+INT64 = AfterValidator(_fits_int64)
+Int64 = Annotated[int, INT64]
+SecretKey = Annotated[
+    str,
+    Field(min_length=1, max_length=253),
+    FieldRule(
+        cel=f"self.matches({cel_string(SECRET_KEY_PATTERN)}) && self != '.' && !self.startsWith('..')",
+        message=(
+            "must be a key of a Secret such as AWS_ACCESS_KEY_ID or token: letters, digits, '-', '_' "
+            "and '.' (a Secret can hold no other key, so the pod would never start)"
+        ),
+        check=lambda v: bool(re.fullmatch(SECRET_KEY_PATTERN, v)) and v != "." and not v.startswith(".."),
+    ),
+]
 ColumnName = Annotated[str, Field(min_length=1, max_length=128)]
+QUANTITY_MESSAGE = (
+    "must be a Kubernetes quantity such as 48Gi, 500M or 7500m, not negative: no space "
+    "before the unit and no trailing B (48GB is 48G, or 48Gi in binary units)"
+)
+
+
+def _quantity_input(value: Any) -> Any:
+    """A number or a string, as the API server takes an int-or-string (a whole float is a number).
+
+    Anything else (a boolean, a list) gets the quantity's message once, instead of one error per
+    member of the int | str union, named by a path that is no field (``resources.cpu.int``).
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise PydanticCustomError(RULE_ERROR, QUANTITY_MESSAGE, {"field_path": ""})
+    return value
+
+
+def _is_quantity(value: int | str) -> bool:
+    if isinstance(value, int):
+        return value >= 0
+    return len(value) <= QUANTITY_MAX_LENGTH and bool(re.fullmatch(QUANTITY_PATTERN, value))
+
+
 #: An int-or-string Kubernetes quantity, not negative. A CEL rule, not a pattern, so that a
 #: wrong value gets a hint ("48GB" and "8 Gi" are common) instead of a regular expression.
 Quantity = Annotated[
     int | str,
-    Field(json_schema_extra={INT_OR_STRING_KEY: True, "maxLength": 64}),
+    Field(json_schema_extra={INT_OR_STRING_KEY: True, "maxLength": QUANTITY_MAX_LENGTH}),
     FieldRule(
         cel=f"type(self) == int ? self >= 0 : self.matches({cel_string(QUANTITY_PATTERN)})",
-        message=(
-            "must be a Kubernetes quantity such as 48Gi, 500M or 7500m, not negative: no space "
-            "before the unit and no trailing B (48GB is 48G, or 48Gi in binary units)"
-        ),
-        check=lambda v: v >= 0 if isinstance(v, int) else bool(re.fullmatch(QUANTITY_PATTERN, v)),
+        message=QUANTITY_MESSAGE,
+        check=_is_quantity,
     ),
+    BeforeValidator(_quantity_input),
 ]
 #: A container image reference; pin it by digest (``…@sha256:…``) for reproducible runs.
 ImageReference = Annotated[
@@ -153,6 +264,10 @@ _QUANTITY_SUFFIXES = {
 }
 
 
+#: Exact for every quantity QUANTITY_PATTERN admits (64 digits, an exponent of two, a suffix up to 2**60).
+_QUANTITY_CONTEXT = Context(prec=200)
+
+
 def quantity_value(quantity: int | str) -> Decimal:
     """A quantity's value: ``"64Gi"`` -> 68719476736, ``"7500m"`` -> 7.5 (apimachinery's rules)."""
     if isinstance(quantity, int):
@@ -162,7 +277,7 @@ def quantity_value(quantity: int | str) -> Decimal:
     suffix = text[len(number) :]
     if suffix not in _QUANTITY_SUFFIXES:  # an exponent (1e3) or a malformed value
         return Decimal(text)
-    return Decimal(number) * _QUANTITY_SUFFIXES[suffix]
+    return _QUANTITY_CONTEXT.multiply(Decimal(number), _QUANTITY_SUFFIXES[suffix])
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -319,28 +434,28 @@ class TrainingSpec(ApiModel):
     """Batches accumulated before each optimizer step."""
     num_train_epochs: float = Field(default=1.0, gt=0, le=1000)
     """Passes over the training data; ignored when maxSteps is positive."""
-    max_steps: int = Field(default=-1, ge=-1)
+    max_steps: Int64 = Field(default=-1, ge=-1)
     """Total optimizer steps; -1 trains for numTrainEpochs instead."""
     learning_rate: float = Field(default=2e-4, gt=0, le=1)
     """Peak learning rate."""
     precision: Precision = "auto"
     """Mixed precision mode; auto picks bf16 where supported, fp32 on CPU."""
-    logging_steps: int = Field(default=10, ge=1)
+    logging_steps: Int64 = Field(default=10, ge=1)
     """Log (and report progress) every this many steps."""
     eval_strategy: IntervalStrategy = "no"
     """When to evaluate on the validation data; needs dataset.validation or validationSplit. Quote
     "no": YAML reads a bare no as false."""
-    eval_steps: int | None = Field(default=None, ge=1)
+    eval_steps: Annotated[int, Field(ge=1), INT64] | None = None
     """Evaluate every this many steps (required when evalStrategy is steps)."""
     save_strategy: IntervalStrategy = "steps"
     """When to write a checkpoint to object storage. Quote "no": YAML reads a bare no as false."""
-    save_steps: int = Field(default=100, ge=1)
+    save_steps: Int64 = Field(default=100, ge=1)
     """Checkpoint every this many steps (saveStrategy steps)."""
-    save_total_limit: int = Field(default=2, ge=1)
+    save_total_limit: Int64 = Field(default=2, ge=1)
     """Number of most recent checkpoints to keep (in object storage too)."""
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Fraction of the steps used for learning-rate warmup. Exclusive with warmupSteps."""
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: Int64 = Field(default=0, ge=0)
     """Number of learning-rate warmup steps. Exclusive with warmupRatio."""
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
     """Longest tokenized sequence; longer ones are truncated."""
@@ -352,8 +467,8 @@ class TrainingSpec(ApiModel):
     """AdamW weight decay."""
     max_grad_norm: float = Field(default=1.0, gt=0, le=1000)
     """Clip the gradients' global norm to this value before each optimizer step."""
-    seed: int = Field(default=42, ge=0)
-    """Random seed for data shuffling and initialization."""
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
+    """Random seed for data shuffling and initialization (at most 4294967295: numpy's 32 bits)."""
     gradient_checkpointing: bool | None = None
     """Trade compute for memory; unset means on for GPUs and off on CPU."""
 
@@ -386,7 +501,7 @@ class StorageSpec(ApiModel):
     """The S3-compatible object storage holding the dataset, (optionally) the model and the output.
     Credentials come from a Secret reference or the pod's cloud identity; never inline."""
 
-    endpoint: str | None = Field(default=None, max_length=1024, pattern=r"^https?://[^\s/]+(/.*)?$")
+    endpoint: Endpoint | None = Field(default=None, max_length=1024)
     """Endpoint URL of an S3-compatible server (e.g. https://minio.example:9000); unset for AWS S3."""
     region: str = Field(default="us-east-1", min_length=1, max_length=64)
     """Region of the bucket."""
@@ -406,7 +521,7 @@ class ResourcesSpec(ApiModel):
     gpus: int = Field(default=1, ge=0, le=64)
     """GPUs for the trainer (one pod). More than one runs accelerate with one process per GPU; 0
     trains on CPU."""
-    gpu_resource_name: str = Field(default="nvidia.com/gpu", max_length=253, pattern=RESOURCE_NAME_PATTERN)
+    gpu_resource_name: ResourceName = Field(default="nvidia.com/gpu", max_length=253)
     """Extended resource name of the GPUs (e.g. nvidia.com/gpu, amd.com/gpu)."""
     cpu: Quantity | None = None
     """CPU request and limit (a Kubernetes quantity, e.g. 8 or 7500m)."""
@@ -463,7 +578,7 @@ class Toleration(ApiModel):
     """Taint value, for operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to match; empty matches all effects."""
-    toleration_seconds: int | None = Field(default=None, ge=0)
+    toleration_seconds: Annotated[int, Field(ge=0), INT64] | None = None
     """For NoExecute, how long the pod stays bound after the taint appears."""
 
 
@@ -490,9 +605,9 @@ class SchedulingSpec(ApiModel):
     """Taints the trainer pod tolerates (e.g. nvidia.com/gpu=present:NoSchedule)."""
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra={PRESERVE_UNKNOWN_KEY: True})
     """A core/v1 Affinity for the trainer pod (node, pod and anti-affinity rules), passed through."""
-    priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    priority_class_name: ObjectName | None = Field(default=None, max_length=253)
     """PriorityClass of the trainer pod."""
-    queue_name: str | None = Field(default=None, max_length=63, pattern=DNS_SUBDOMAIN_PATTERN)
+    queue_name: ObjectName | None = Field(default=None, max_length=63)
     """Kueue LocalQueue to submit to. The Job is then created suspended with the
     kueue.x-k8s.io/queue-name label and Kueue starts it when admitted (phase Queued until then)."""
 
@@ -517,12 +632,24 @@ class IdentitySpec(ApiModel):
         ),
     )
 
-    service_account_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    service_account_name: ObjectName | None = Field(default=None, max_length=253)
     """An existing ServiceAccount in the FineTuneJob's namespace to run the trainer as (e.g. one
     already bound to a cloud role). kubetune then creates none, and binds its per-job Role (read
     this FineTuneJob, patch its status) to this account. Unset: a ServiceAccount is created per job."""
     service_account_annotations: (
-        Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=32)] | None
+        Annotated[
+            dict[str, Annotated[str, Field(max_length=4096)]],
+            Field(max_length=32),
+            FieldRule(
+                cel=f"self.all(key, key.matches({cel_string(QUALIFIED_NAME_PATTERN)}))",
+                message=(
+                    "keys must be annotation keys such as eks.amazonaws.com/role-arn: an optional "
+                    "DNS-name prefix and '/', then up to 63 letters, digits, '-', '_' or '.'"
+                ),
+                check=lambda d: all(re.fullmatch(QUALIFIED_NAME_PATTERN, key) for key in d),
+            ),
+        ]
+        | None
     ) = None
     """Annotations of the per-job ServiceAccount that give the pod a cloud identity, e.g.
     eks.amazonaws.com/role-arn (IRSA), iam.gke.io/gcp-service-account (GKE) or
@@ -566,11 +693,11 @@ class LifecycleSpec(ApiModel):
     backoff_limit: int = Field(default=3, ge=0, le=100)
     """Retries of a failed trainer pod before the job fails. Node disruptions do not count, invalid
     data fails at once."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    active_deadline_seconds: Annotated[int, Field(ge=1), INT64] | None = None
     """Wall-clock limit of the whole run, in seconds; then it fails with DeadlineExceeded."""
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
-    """Delete the finished Job (and its pods) this many seconds after it ends. The FineTuneJob and
-    its status stay."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    """Delete the finished Job (and its pods) this many seconds after it ends (at most 2147483647,
+    the Job's limit). The FineTuneJob and its status stay."""
     termination_grace_period_seconds: int = Field(
         default=300, ge=0, le=86400, json_schema_extra=immutable("lifecycle.terminationGracePeriodSeconds")
     )

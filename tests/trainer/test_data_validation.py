@@ -103,10 +103,10 @@ def test_field_mapping_renames_columns() -> None:
     ("fmt", "record", "problem"),
     [
         ("alpaca", {"instruction": "a"}, "missing 'output'"),
-        ("alpaca", {"instruction": "a", "output": 3}, "field 'output' must be a string, got int"),
+        ("alpaca", {"instruction": "a", "output": 3}, "field 'output' must be a string, got a number"),
         ("alpaca", {"instruction": " ", "output": "b"}, "field 'instruction' is empty"),
         ("prompt_completion", {"prompt": "a", "completion": ""}, "field 'completion' is empty"),
-        ("text", {"text": None}, "field 'text' must be a string, got NoneType"),
+        ("text", {"text": None}, "field 'text' must be a string, got null"),
         ("chat", {"messages": "nope"}, "field 'messages' is not a JSON list of messages"),
         ("chat", {"messages": [{"role": "bot", "content": "x"}]}, "field 'messages[0].role' must be one of"),
         ("chat", {"messages": [{"role": "user", "content": "x"}]}, "has no assistant message"),

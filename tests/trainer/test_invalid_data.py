@@ -61,7 +61,7 @@ CASES = [
     Case(
         "wrong-type",
         {"train.jsonl": to_jsonl([{"prompt": "p", "completion": 7}])},
-        ["train.jsonl line 1: field 'completion' must be a string, got int"],
+        ["train.jsonl line 1: field 'completion' must be a string, got a number"],
     ),
     Case("empty-file", {"train.jsonl": b""}, ["train.jsonl line 1: no records"]),
     Case("blank-lines-only", {"train.jsonl": b"\n  \n\n"}, ["train.jsonl line 1: no records"]),
@@ -79,7 +79,7 @@ CASES = [
     Case(
         "record-not-an-object",
         {"train.jsonl": to_jsonl(GOOD[:1]) + b'["instruction", "output"]\n'},
-        ["train.jsonl line 2: record must be a JSON object, got list"],
+        ["train.jsonl line 2: record must be a JSON object, got a list"],
     ),
     Case(
         "bad-chat-role",

@@ -10,9 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kubetune_api.base import json_kind
 
 from .errors import InvalidDataError
 
@@ -51,6 +54,10 @@ _JSON_ERRORS = (
     ("Invalid \\uXXXX escape", "a \\u escape needs 4 hex digits, at column {col}"),
     ("Invalid \\escape", "a backslash starts an unknown escape (write \\\\ for one), at column {col}"),
     ("Extra data", "more than one JSON value (one record per line), the next at column {col}"),
+    (
+        "Unexpected UTF-8 BOM",
+        "a byte order mark (U+FEFF) starts the line, as when files are joined: remove it",
+    ),
 )
 
 #: Leading bytes of binary files that are sometimes uploaded under a text name.
@@ -71,6 +78,78 @@ def json_problem(exc: json.JSONDecodeError) -> str:
     if plain is None:  # a message this table does not know (a newer Python): its own words
         return f"{exc.msg}, at column {exc.colno}"
     return plain.replace("{col}", str(exc.colno))
+
+
+class UnreadableJsonError(ValueError):
+    """Text that is not JSON the trainer can use; ``str()`` says why in plain words."""
+
+
+_DECODER = json.JSONDecoder()
+_JSON_WHITESPACE = " \t\n\r"
+#: A ``\uD800``-``\uDFFF`` escape: JSON, but only a pair of them is a character.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_lone_surrogates(value: Any) -> Any:
+    """``value`` if every string in it is text (json.loads lets ``"\\ud800"`` through, and
+    datasets/pyarrow refuse it later, after the model is loaded)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnreadableJsonError(
+            "a \\uD800-\\uDFFF escape is half of a surrogate pair, not a character "
+            "(write the character itself, or both halves of the pair)"
+        ) from exc
+    return value
+
+
+def parse_json(text: str, start: int = 0) -> tuple[Any, int]:
+    """The JSON value at ``text[start:]`` and where it ends, or :class:`UnreadableJsonError` in plain words.
+
+    Beyond the parser's syntax errors (:func:`json_problem`): nesting deeper than Python's stack,
+    integers longer than Python converts, and half surrogate pairs, which would otherwise escape
+    as RecursionError, ValueError, or a UnicodeEncodeError in datasets.
+    """
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError as exc:
+        raise UnreadableJsonError(json_problem(exc)) from exc
+    except RecursionError as exc:
+        raise UnreadableJsonError(
+            "nested too deeply (lists or objects inside each other, thousands deep)"
+        ) from exc
+    except ValueError as exc:  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise UnreadableJsonError(
+            "a number too long to read (thousands of digits): write it as a string"
+        ) from exc
+    if _SURROGATE_ESCAPE.search(text, start, end):
+        _no_lone_surrogates(value)
+    return value, end
+
+
+def loads(text: str) -> Any:
+    """:func:`json.loads` with :func:`parse_json`'s plain-words problems (whitespace around allowed)."""
+    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+    if text.startswith("\ufeff", start):
+        raise UnreadableJsonError(dict(_JSON_ERRORS)["Unexpected UTF-8 BOM"])
+    value, end = parse_json(text, start)
+    rest = text[end:]
+    if rest.strip(_JSON_WHITESPACE):
+        column = end + len(rest) - len(rest.lstrip(_JSON_WHITESPACE)) + 1
+        raise UnreadableJsonError(
+            f"more than one JSON value (one record per line), the next at column {column}"
+        )
+    return value
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A value as a message quotes it: a string quoted on one line (escapes for line breaks) and cut
+    at ``limit`` characters, anything else by its kind (a role that is a 100 kB string must not
+    fill the termination message and hide every other problem)."""
+    if not isinstance(value, str):
+        return json_kind(value)
+    quoted = repr(value[: limit + 1])
+    return quoted if len(quoted) <= limit else quoted[:limit] + "…"
 
 
 def _binary_kind(raw: bytes) -> str | None:
@@ -107,12 +186,12 @@ def _json_lines(name: str, text: str) -> ReadResult:
             continue
         where = f"{name} line {number}"
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            result.problems.append(f"{where}: not valid JSON ({json_problem(exc)})")
+            value = loads(line)
+        except UnreadableJsonError as exc:
+            result.problems.append(f"{where}: not valid JSON ({exc})")
             continue
         if not isinstance(value, dict):
-            result.problems.append(f"{where}: record must be a JSON object, got {type(value).__name__}")
+            result.problems.append(f"{where}: record must be a JSON object, got {json_kind(value)}")
             continue
         result.records.append(Record(where, value))
     return result
@@ -121,7 +200,6 @@ def _json_lines(name: str, text: str) -> ReadResult:
 def _json_array(name: str, text: str) -> ReadResult:
     """A JSON array of objects, decoded element by element so each keeps its line number."""
     result = ReadResult()
-    decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     size = len(text)
     while True:
@@ -136,12 +214,13 @@ def _json_array(name: str, text: str) -> ReadResult:
             break
         where = f"{name} line {_line_of(text, pos)}"
         try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            result.problems.append(f"{name} line {exc.lineno}: not valid JSON ({json_problem(exc)})")
+            value, pos = parse_json(text, pos)
+        except UnreadableJsonError as exc:
+            line = _line_of(text, getattr(exc.__cause__, "pos", pos))
+            result.problems.append(f"{name} line {line}: not valid JSON ({exc})")
             return result  # cannot resynchronise inside a broken array
         if not isinstance(value, dict):
-            result.problems.append(f"{where}: record must be a JSON object, got {type(value).__name__}")
+            result.problems.append(f"{where}: record must be a JSON object, got {json_kind(value)}")
             continue
         result.records.append(Record(where, value))
     if text[pos + 1 :].strip():
@@ -149,8 +228,14 @@ def _json_array(name: str, text: str) -> ReadResult:
     return result
 
 
+#: The longest CSV cell read (the csv module's default, 128 KiB, would refuse a long document).
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _csv(name: str, text: str) -> ReadResult:
     result = ReadResult()
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)

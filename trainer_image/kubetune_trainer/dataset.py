@@ -16,7 +16,7 @@ from typing import Any
 
 from kubetune_api.spec import DatasetSpec, FieldMapping
 
-from .datafiles import read_records
+from .datafiles import read_records, shown
 from .errors import InvalidDataError
 from .formats import ConcreteFormat, check_record, describe_formats, detect_format, format_fields, to_example
 from .storage import ObjectStore
@@ -115,7 +115,10 @@ def _check_file(
         first = result.records[0]
         detected = detect_format(first.data, fields)
         if detected is None:
-            keys = ", ".join(sorted(first.data)) or "none"
+            names = sorted(first.data)
+            keys = ", ".join(_field_name(k) for k in names[:_KEYS_SHOWN]) or "none"
+            if len(names) > _KEYS_SHOWN:
+                keys += f", and {len(names) - _KEYS_SHOWN} more"
             problems.append(
                 f"{first.where}: cannot detect the format from fields [{keys}]; "
                 f"expected one of {describe_formats(fields)} (or set dataset.format/fieldMapping)"
@@ -134,6 +137,18 @@ def _check_file(
     return fmt, examples, problems, len(problems)
 
 
+#: How many of a record's field names a message lists, and how much of each.
+_KEYS_SHOWN = 6
+_KEY_CHARS = 24
+
+
+def _field_name(key: str) -> str:
+    """A field name as the list in a message shows it: as it is, or quoted and cut if it is long or
+    holds line breaks or the list's own punctuation."""
+    plain = key.isprintable() and len(key) <= _KEY_CHARS and not any(c in key for c in ",[]'")
+    return key if plain and key else shown(key, _KEY_CHARS)
+
+
 def validate(spec: DatasetSpec, files: DataFiles) -> ValidatedData:
     """Check every record of every file; raise InvalidDataError with the first problems."""
     fmt = None if spec.format == "auto" else _Format(spec.format, None)
@@ -143,6 +158,13 @@ def validate(spec: DatasetSpec, files: DataFiles) -> ValidatedData:
         _, validation, more, more_total = _check_file(files.validation, spec.validation or "", spec, fmt)
         problems += more
         total += more_total
+    if not total and spec.validation_split > 0 and len(train) < 2:
+        # datasets' train_test_split would refuse it, after the model is loaded.
+        problems.append(
+            f"{files.train.name}: dataset.validationSplit {spec.validation_split} holds out at least one "
+            f"record, and the file has {len(train)}: add records, or set validationSplit to 0"
+        )
+        total += 1
     if total:
         raise InvalidDataError(problems[: spec.max_reported_errors], total)
     assert fmt is not None  # a file with no records raised in read_records

@@ -14,13 +14,13 @@ Pure Python: no tokenizer needed to find a malformed record.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from kubetune_api.base import json_kind
 from kubetune_api.spec import FieldMapping
 
-from .datafiles import json_problem
+from .datafiles import UnreadableJsonError, loads, shown
 
 ConcreteFormat = Literal["alpaca", "chat", "prompt_completion", "text"]
 ROLES = ("system", "user", "assistant")
@@ -64,7 +64,7 @@ def _string(record: Mapping[str, Any], name: str, *, required: bool, allow_empty
         return [f"missing '{name}'"] if required else []
     value = record[name]
     if not isinstance(value, str):
-        return [f"field '{name}' must be a string, got {type(value).__name__}"]
+        return [f"field '{name}' must be a string, got {json_kind(value)}"]
     if not allow_empty and not value.strip():
         return [f"field '{name}' is empty"]
     return []
@@ -77,11 +77,11 @@ def _messages(record: Mapping[str, Any], name: str) -> tuple[list[str], list[dic
     value = record[name]
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            return [f"field '{name}' is not a JSON list of messages ({json_problem(exc)})"], []
+            value = loads(value)
+        except UnreadableJsonError as exc:
+            return [f"field '{name}' is not a JSON list of messages ({exc})"], []
     if not isinstance(value, list):
-        return [f"field '{name}' must be a list of messages, got {type(value).__name__}"], []
+        return [f"field '{name}' must be a list of messages, got {json_kind(value)}"], []
     if not value:
         return [f"field '{name}' is empty"], []
     problems: list[str] = []
@@ -93,9 +93,10 @@ def _messages(record: Mapping[str, Any], name: str) -> tuple[list[str], list[dic
             continue
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            problems.append(f"field '{at}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+            got = "nothing" if "role" not in message else shown(role)
+            problems.append(f"field '{at}.role' must be one of {', '.join(ROLES)}, got {got}")
         if not isinstance(content, str):
-            kind = "missing" if content is None else type(content).__name__
+            kind = "nothing" if "content" not in message else json_kind(content)
             problems.append(f"field '{at}.content' must be a string, got {kind}")
         elif role == "assistant" and not content.strip():
             problems.append(f"field '{at}.content' is empty")
