@@ -67,7 +67,12 @@ def role_for_one_job(namespace: str, job: str, extra_rules: list[dict[str, Any]]
     """The per-job Role and RoleBinding the operator creates for a trainer (its own builders)."""
     from kubetune_operator import builders
 
-    ftj = {"metadata": {"name": job, "namespace": namespace, "uid": "0"}, "spec": {}}
+    spec = {
+        "model": {"source": "org/model"},
+        "dataset": {"train": "s3://data/t.jsonl"},
+        "output": {"uri": "s3://out/run"},
+    }
+    ftj = {"metadata": {"name": job, "namespace": namespace, "uid": "0"}, "spec": spec}
     role, binding = builders.role(ftj), builders.role_binding(ftj)
     role["rules"] = [*role["rules"], *(extra_rules or [])]
     for obj in (role, binding):
