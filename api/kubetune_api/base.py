@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import UnionType
@@ -66,6 +67,15 @@ class FieldRule:
     cel: str
     message: str
     check: Callable[[Any], bool]
+
+    @classmethod
+    def matching(cls, pattern: str, message: str) -> FieldRule:
+        """The rule "the whole value matches ``pattern``" (RE2 in CEL, ``re`` in Python)."""
+        return cls(
+            cel=f"self.matches({cel_string(pattern)})",
+            message=message,
+            check=lambda value: bool(re.fullmatch(pattern, value)),
+        )
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         def validate(value: Any) -> Any:
@@ -207,6 +217,11 @@ def field_errors(error: ValidationError) -> list[str]:
         message = plain.format(kind=json_kind(item.get("input"))) if plain else str(item["msg"])
         lines.append(f"{path}: {message}" if path else message)
     return lines
+
+
+def cel_string(text: str) -> str:
+    """``text`` as a single-quoted CEL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def immutable(what: str) -> dict[str, Any]:

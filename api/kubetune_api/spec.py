@@ -21,6 +21,7 @@ from .base import (
     ApiModel,
     FieldRule,
     Rule,
+    cel_string,
     immutable,
     immutable_optional,
 )
@@ -74,11 +75,6 @@ SEED_MAX = 2**32 - 1
 ENDPOINT_PATTERN = r"^https?://[!-.0-~]+(/.*)?$"
 
 
-def cel_string(text: str) -> str:
-    """``text`` as a single-quoted CEL string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 DatasetFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]
 Method = Literal["qlora", "lora"]
 QuantType = Literal["nf4", "fp4"]
@@ -105,22 +101,20 @@ PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 #: The rules below are CEL rules rather than patterns (which the API server would print as a
 #: regular expression), so that a wrong value is told what to write.
-S3_URI_RULE = FieldRule(
-    cel=f"self.matches({cel_string(S3_URI_PATTERN)})",
-    message=(
+S3_URI_RULE = FieldRule.matching(
+    S3_URI_PATTERN,
+    (
         "must be an s3://bucket/key URI such as s3://ml-data/train.jsonl: s3:// in lower case, then a "
         "bucket name of 3 to 63 lower-case letters, digits, '.' or '-'"
     ),
-    check=lambda v: bool(re.fullmatch(S3_URI_PATTERN, v)),
 )
 #: A Kubernetes object name (a DNS-1123 subdomain): Secrets, PriorityClasses, ServiceAccounts, queues.
-OBJECT_NAME_RULE = FieldRule(
-    cel=f"self.matches({cel_string(DNS_SUBDOMAIN_PATTERN)})",
-    message=(
+OBJECT_NAME_RULE = FieldRule.matching(
+    DNS_SUBDOMAIN_PATTERN,
+    (
         "must be a name of lower-case letters, digits, '-' and '.', such as my-secret or team.a: "
         "each part between dots starting and ending with a letter or digit"
     ),
-    check=lambda v: bool(re.fullmatch(DNS_SUBDOMAIN_PATTERN, v)),
 )
 S3Uri = Annotated[str, Field(max_length=1024), S3_URI_RULE]
 SecretName = Annotated[str, Field(min_length=1, max_length=253), OBJECT_NAME_RULE]
@@ -128,13 +122,12 @@ SecretName = Annotated[str, Field(min_length=1, max_length=253), OBJECT_NAME_RUL
 ObjectName = Annotated[str, OBJECT_NAME_RULE]
 Endpoint = Annotated[
     str,
-    FieldRule(
-        cel=f"self.matches({cel_string(ENDPOINT_PATTERN)})",
-        message=(
+    FieldRule.matching(
+        ENDPOINT_PATTERN,
+        (
             "must be an http:// or https:// URL such as https://minio.example:9000: a host without "
             "spaces, then an optional /path"
         ),
-        check=lambda v: bool(re.fullmatch(ENDPOINT_PATTERN, v)),
     ),
 ]
 RESOURCE_NAME_RULE = FieldRule(
@@ -217,26 +210,24 @@ Quantity = Annotated[
 ImageReference = Annotated[
     str,
     Field(min_length=1, max_length=512),
-    FieldRule(
-        cel=f"self.matches({cel_string(IMAGE_PATTERN)})",
-        message=(
+    FieldRule.matching(
+        IMAGE_PATTERN,
+        (
             "must be an image reference such as registry.example.com/team/trainer:1.2.0 or "
             "registry.example.com/team/trainer@sha256:<64 hex digits>: a lowercase repository, "
             "no spaces and no scheme (https://)"
         ),
-        check=lambda v: bool(re.fullmatch(IMAGE_PATTERN, v)),
     ),
 ]
 LabelValue = Annotated[
     str,
     Field(max_length=63),
-    FieldRule(
-        cel=f"self.matches({cel_string(LABEL_VALUE_PATTERN)})",
-        message=(
+    FieldRule.matching(
+        LABEL_VALUE_PATTERN,
+        (
             "must be a label value: up to 63 letters, digits, '-', '_' or '.', starting and ending "
             'with a letter or digit (quote values YAML reads as other types, such as "true" or "1")'
         ),
-        check=lambda v: bool(re.fullmatch(LABEL_VALUE_PATTERN, v)),
     ),
 ]
 #: A toleration's taint key: a label key, or empty (with operator Exists: every taint).
