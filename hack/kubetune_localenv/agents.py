@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,13 @@ def pod_log_path(
 ) -> Path:
     """The log file of one container run by the agent of ``node_name``."""
     return agent_state_dir(env, node_name) / "pods" / f"{namespace}_{pod}" / f"{container}.log"
+
+
+def container_log(env: LocalEnv, pod: Mapping[str, Any], container: str) -> str:
+    """What one container of ``pod`` (as the API returns it) has logged so far ("" before it runs)."""
+    meta = pod["metadata"]
+    path = pod_log_path(env, meta["namespace"], meta["name"], container)
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def agent_argv(

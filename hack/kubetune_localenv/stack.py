@@ -139,6 +139,21 @@ class TinyJob:
         return f"adapters/{self.name}"
 
 
+def folder_objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """Every object under the folder ``prefix``: its key relative to the folder -> its size."""
+    folder = prefix.rstrip("/") + "/" if prefix else ""
+    found: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
+        for obj in page.get("Contents", []):
+            found[obj["Key"][len(folder) :]] = obj["Size"]
+    return found
+
+
+def object_bytes(client: Any, bucket: str, key: str) -> bytes:
+    data: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return data
+
+
 def upload_tiny_inputs(env: LocalEnv, bucket: str, work: Path, fmt: str = "chat") -> None:
     """Create ``bucket`` with the tiny model and a train/validation split of ``fmt`` records."""
     client = s3_client(env)

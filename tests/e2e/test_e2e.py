@@ -64,15 +64,6 @@ def _pods(env: LocalEnv, namespace: str, name: str) -> list[dict[str, Any]]:
     return items
 
 
-def _objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:
-    paginator = client.get_paginator("list_objects_v2")
-    found: dict[str, int] = {}
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            found[obj["Key"][len(prefix) :].lstrip("/")] = obj["Size"]
-    return found
-
-
 def _read_json(client: Any, bucket: str, key: str) -> Any:
     return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
@@ -116,7 +107,7 @@ def test_apply_trains_and_writes_the_adapter_then_delete_cleans_up(
     assert conditions["Succeeded"]["status"] == "True"
 
     client = stack.s3_client(e2e_env)
-    outputs = _objects(client, bucket, job.output_prefix)
+    outputs = stack.folder_objects(client, bucket, job.output_prefix)
     for required in ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "metrics.json"):
         assert required in outputs, sorted(outputs)
     manifest = _read_json(client, bucket, f"{job.output_prefix}/manifest.json")
@@ -134,7 +125,7 @@ def test_apply_trains_and_writes_the_adapter_then_delete_cleans_up(
         return not out.strip()
 
     stack.wait_for("the FineTuneJob's children to be garbage-collected", children_gone, 90)
-    assert "adapter_model.safetensors" in _objects(client, bucket, job.output_prefix)
+    assert "adapter_model.safetensors" in stack.folder_objects(client, bucket, job.output_prefix)
 
 
 def test_bad_dataset_fails_with_the_line_and_is_not_retried(
@@ -161,7 +152,7 @@ def test_bad_dataset_fails_with_the_line_and_is_not_retried(
     assert "content" in status["message"]
     time.sleep(3)  # a retry, if one were (wrongly) made, would show up as a second pod
     assert len(_pods(e2e_env, job_ns, job.name)) == 1
-    assert "manifest.json" not in _objects(client, bucket, job.output_prefix)
+    assert "manifest.json" not in stack.folder_objects(client, bucket, job.output_prefix)
 
 
 def test_a_missing_credentials_secret_is_named_and_creating_it_lets_the_retry_train(
@@ -217,7 +208,7 @@ def test_suspend_keeps_the_checkpoint_and_resume_continues_from_it(
     _set_suspend(e2e_env, job, True)
     stack.wait_for("phase Suspended", lambda: stack.phase_in(e2e_env, job_ns, job.name, {"Suspended"}), 120)
     stack.wait_for("the trainer pod to go", lambda: not _pods(e2e_env, job_ns, job.name), 120)
-    kept = _objects(client, bucket, f"{job.output_prefix}/checkpoints")
+    kept = stack.folder_objects(client, bucket, f"{job.output_prefix}/checkpoints")
     # The trainer may save again on SIGTERM and saveTotalLimit prunes older ones: what must
     # survive suspension is a complete checkpoint at least as new as the one seen.
     complete = [int(key.split("/")[0].split("-")[1]) for key in kept if key.endswith("/_COMPLETE")]

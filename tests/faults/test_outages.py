@@ -52,7 +52,7 @@ import yaml
 
 from kubetune_api import wellknown
 from kubetune_localenv import stack
-from kubetune_localenv.agents import pod_log_path, start_agent
+from kubetune_localenv.agents import container_log, start_agent
 from kubetune_localenv.cluster import LOCALHOST, LocalEnv, ManagedProcess
 from kubetune_operator import names
 from kubetune_operator.kube import FINETUNEJOBS, JOBS, PODS, Kube
@@ -153,9 +153,7 @@ class Outages:
         return pod
 
     def log(self, pod: Obj) -> str:
-        meta = pod["metadata"]
-        path = pod_log_path(self.env, meta["namespace"], meta["name"], names.TRAINER_CONTAINER)
-        return path.read_text(errors="replace") if path.exists() else ""
+        return container_log(self.env, pod, names.TRAINER_CONTAINER)
 
 
 @pytest.fixture(scope="module")
@@ -344,20 +342,6 @@ class S3Stopper:
             self.error = exc
 
 
-def _objects(s3: Any, bucket: str, prefix: str) -> dict[str, int]:
-    found: dict[str, int] = {}
-    folder = prefix.rstrip("/") + "/"
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
-        for obj in page.get("Contents", []):
-            found[obj["Key"][len(folder) :]] = obj["Size"]
-    return found
-
-
-def _body(s3: Any, bucket: str, key: str) -> bytes:
-    data: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return data
-
-
 @pytest.mark.timeout(360)
 def test_s3_stopped_for_20s_mid_checkpoint_and_mid_publish_the_trainer_waits_and_publishes_whole(
     outages: Outages,
@@ -421,7 +405,7 @@ def test_s3_stopped_for_20s_mid_checkpoint_and_mid_publish_the_trainer_waits_and
     )
 
     # Every checkpoint with a marker is whole: the marker counts its files, all in S3.
-    stored = _objects(outages.s3, bucket, job.output_prefix)
+    stored = stack.folder_objects(outages.s3, bucket, job.output_prefix)
     by_step: dict[str, set[str]] = {}
     for key in stored:
         if key.startswith(f"{wellknown.CHECKPOINTS_DIR}/"):
@@ -430,16 +414,18 @@ def test_s3_stopped_for_20s_mid_checkpoint_and_mid_publish_the_trainer_waits_and
     assert f"step-{ckpt_outage.step}" in by_step, sorted(by_step)  # among the saveTotalLimit newest
     for step, files in by_step.items():
         assert wellknown.CHECKPOINT_MARKER in files, f"{step} has no marker: {sorted(files)}"
-        marker = json.loads(_body(outages.s3, bucket, f"{job.output_prefix}/checkpoints/{step}/_COMPLETE"))
+        marker = json.loads(
+            stack.object_bytes(outages.s3, bucket, f"{job.output_prefix}/checkpoints/{step}/_COMPLETE")
+        )
         assert marker["files"] == len(files) - 1, (step, marker, sorted(files))
 
     # The manifest lists every published file, with sizes and sha256s matching the objects.
-    manifest = json.loads(_body(outages.s3, bucket, f"{job.output_prefix}/{wellknown.MANIFEST}"))
+    manifest = json.loads(stack.object_bytes(outages.s3, bucket, f"{job.output_prefix}/{wellknown.MANIFEST}"))
     listed = {entry["path"]: entry for entry in manifest["files"]}
     published = {key for key in stored if not key.startswith(f"{wellknown.CHECKPOINTS_DIR}/")}
     assert set(listed) == published - {wellknown.MANIFEST}, (sorted(listed), sorted(published))
     for path, entry in listed.items():
-        data = _body(outages.s3, bucket, f"{job.output_prefix}/{path}")
+        data = stack.object_bytes(outages.s3, bucket, f"{job.output_prefix}/{path}")
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), path
     assert "adapter_model.safetensors" in listed
 

@@ -57,7 +57,7 @@ import yaml
 
 from kubetune_api import coordinates, wellknown
 from kubetune_localenv import stack, tinymodel
-from kubetune_localenv.agents import agent_state_dir, pod_log_path, start_agent
+from kubetune_localenv.agents import agent_state_dir, container_log, start_agent
 from kubetune_localenv.cluster import LocalEnv
 from kubetune_operator import names
 from kubetune_operator.kube import FINETUNEJOBS, JOBS, PODS, Kube
@@ -365,9 +365,7 @@ class Faults:
         stack.wait_for(f"{text!r} in the trainer log", lambda: text in self.log(pod), timeout, interval=0.2)
 
     def log(self, pod: Obj) -> str:
-        meta = pod["metadata"]
-        path = pod_log_path(self.env, meta["namespace"], meta["name"], names.TRAINER_CONTAINER)
-        return path.read_text(errors="replace") if path.exists() else ""
+        return container_log(self.env, pod, names.TRAINER_CONTAINER)
 
 
 @pytest.fixture(scope="module")
@@ -396,20 +394,6 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
 
 
 # --- S3 and the Job's podFailurePolicy ---------------------------------------------------------------
-
-
-def _objects(s3: Any, bucket: str, prefix: str) -> dict[str, int]:
-    found: dict[str, int] = {}
-    folder = prefix.rstrip("/") + "/" if prefix else ""
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
-        for obj in page.get("Contents", []):
-            found[obj["Key"][len(prefix) :].lstrip("/")] = obj["Size"]
-    return found
-
-
-def _body(s3: Any, bucket: str, key: str) -> bytes:
-    data: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return data
 
 
 def _terminated(pod: Obj) -> Obj:
@@ -516,14 +500,14 @@ def test_trainer_pod_deleted_then_evicted_mid_upload_resumes_and_publishes_a_val
     held: int = stack.wait_for(
         "the checkpoint upload to be held", lambda: faults.gate.held_step, TRAIN_TIMEOUT, interval=0.2
     )
-    partial = _objects(faults.s3, bucket, f"{prefix}/checkpoints/step-{held}")
+    partial = stack.folder_objects(faults.s3, bucket, f"{prefix}/checkpoints/step-{held}")
     assert partial, f"step {held} has no files in S3: the hold came before the upload"
     assert wellknown.CHECKPOINT_MARKER not in partial, sorted(partial)
     _evict(faults.kube, second, EVICT_GRACE_S)
     evicted_at = time.monotonic()
     faults.gone(second, timeout=EVICT_GRACE_S + 60)
     faults.gate.drop()
-    kept = _objects(faults.s3, bucket, f"{prefix}/checkpoints")
+    kept = stack.folder_objects(faults.s3, bucket, f"{prefix}/checkpoints")
     complete = sorted(
         int(k.split("/")[0].split("-")[1]) for k in kept if k.endswith(f"/{wellknown.CHECKPOINT_MARKER}")
     )
@@ -583,17 +567,17 @@ def test_trainer_pod_deleted_then_evicted_mid_upload_resumes_and_publishes_a_val
     assert int(job_status.get("failed") or 0) == ignored.count(False), (job_status, ignored)
 
     # The manifest lists every published file, with sizes and sha256s matching the objects.
-    manifest = json.loads(_body(faults.s3, bucket, f"{prefix}/{wellknown.MANIFEST}"))
+    manifest = json.loads(stack.object_bytes(faults.s3, bucket, f"{prefix}/{wellknown.MANIFEST}"))
     assert manifest["outputUri"] == f"s3://{bucket}/{prefix}"
     listed = {entry["path"]: entry for entry in manifest["files"]}
-    stored = _objects(faults.s3, bucket, prefix)
+    stored = stack.folder_objects(faults.s3, bucket, prefix)
     published = {key for key in stored if not key.startswith(f"{wellknown.CHECKPOINTS_DIR}/")}
     assert set(listed) == published - {wellknown.MANIFEST}, (sorted(listed), sorted(published))
     for path, entry in listed.items():
-        data = _body(faults.s3, bucket, f"{prefix}/{path}")
+        data = stack.object_bytes(faults.s3, bucket, f"{prefix}/{path}")
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), path
     assert "adapter_model.safetensors" in listed
-    metrics = json.loads(_body(faults.s3, bucket, f"{prefix}/{wellknown.METRICS}"))
+    metrics = json.loads(stack.object_bytes(faults.s3, bucket, f"{prefix}/{wellknown.METRICS}"))
     assert metrics["resumedFromStep"] == third_resumed
     assert metrics["globalStep"] == MAX_STEPS
 
@@ -789,9 +773,9 @@ def test_no_secret_in_status_events_logs_configmaps_specs_environment_or_outputs
         scan.add(source, str(path), path.read_bytes())
     scanned_keys = set()
     for name in faults.buckets:
-        for key in _objects(faults.s3, name, ""):
+        for key in stack.folder_objects(faults.s3, name, ""):
             source = "s3: outputs" if key.startswith("adapters/") else "s3: inputs"
-            scan.add(source, f"{name}/{key}", _body(faults.s3, name, key))
+            scan.add(source, f"{name}/{key}", stack.object_bytes(faults.s3, name, key))
             scanned_keys.add(f"{name}/{key}")
     published = {wellknown.MANIFEST, wellknown.METRICS, wellknown.RESOLVED_CONFIG, wellknown.MODEL_CARD}
     assert {f"{bucket}/adapters/pausable/{name}" for name in published} <= scanned_keys

@@ -68,7 +68,8 @@ def test_suspend_deactivates_the_workload_and_resume_readmits_it(
         workload = harness.wait_for("Kueue to evict the deactivated Workload", deactivated, timeout=60)
         assert workload["spec"]["active"] is False
         status = harness.wait_phase("kq", "Suspended", "Suspended", timeout=60)
-        assert status["conditions"]  # level-based status followed Kueue's suspend of the Job
+        suspended = {c["type"]: c["status"] for c in status["conditions"]}
+        assert (suspended["Suspended"], suspended["Running"]) == ("True", "False")
         assert harness.kube.get(JOBS, harness.namespace, "kq-trainer")["spec"]["suspend"] is True
 
         harness.patch_ftj("kq", {"spec": {"suspend": False}})
