@@ -80,6 +80,21 @@ Method = Literal["qlora", "lora"]
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Batching = Literal["auto", "padded", "length-grouped", "padding-free"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+#: transformers' optimizer names (TrainingArguments.optim) that kubetune offers, and auto.
+Optimizer = Literal[
+    "auto",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+]
+#: The optimizers that bitsandbytes runs: CUDA only.
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 def _not_yaml_boolean(value: Any) -> Any:
@@ -415,6 +430,15 @@ class TrainingSpec(ApiModel):
             field_path=".warmupSteps",
             check=lambda t: not (t.warmup_ratio > 0 and t.warmup_steps > 0),
         ),
+        Rule(
+            cel="!self.packing || self.batching == 'auto' || self.batching == 'padding-free'",
+            message=(
+                "training.packing builds padding-free batches: set training.batching to auto or"
+                " padding-free, or packing to false"
+            ),
+            field_path=".packing",
+            check=lambda t: not t.packing or t.batching in ("auto", "padding-free"),
+        ),
     )
 
     per_device_train_batch_size: int = Field(default=4, ge=1, le=1024)
@@ -450,8 +474,29 @@ class TrainingSpec(ApiModel):
     """Number of learning-rate warmup steps. Exclusive with warmupRatio."""
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
     """Longest tokenized sequence; longer ones are truncated."""
+    batching: Batching = "auto"
+    """How rows form a batch; no choice lets a row attend to another. auto: padding-free (rows
+    flattened into one sequence, no padding) where the attention kernel keeps them apart by their
+    boundaries (flash attention on a GPU), else length-grouped. length-grouped: rows of similar
+    length batched together, padded to the longest (about 2 % padding). padded: rows in random
+    order padded to the longest of the batch (TRL's default). padding-free: flattened with a
+    block-diagonal mask where the kernel is not varlen; the trainer checks before the first step
+    that the model keeps the rows apart."""
     packing: bool = False
-    """Pack several short examples into one sequence."""
+    """Pack several short examples into each maxSeqLength sequence (TRL best-fit packing), kept
+    apart by their position ids (checked before the first step, as batching padding-free). Needs
+    batching auto or padding-free."""
+    attn_implementation: AttnImplementation = "auto"
+    """The attention kernel. auto: flash_attention_2 on a GPU where the flash-attn package is
+    installed and the precision is bf16 or fp16, else sdpa. flash_attention_2 needs a GPU."""
+    liger_kernel: bool | None = None
+    """Liger's Triton kernels (fused RMSNorm, RoPE, SwiGLU and linear cross-entropy): more tokens/s
+    and much less activation memory. Unset: on for GPUs where the liger-kernel package is installed,
+    off on CPU. true needs a GPU."""
+    optim: Optimizer = "auto"
+    """The optimizer. auto: paged_adamw_8bit for qlora on a GPU (the QLoRA recipe: 8-bit states,
+    paged to CPU memory on spikes), adamw_torch_fused on other GPUs, adamw_torch on CPU. The
+    bitsandbytes ones (adamw_8bit, paged_*) need a GPU."""
     lr_scheduler_type: SchedulerType = "linear"
     """Learning-rate schedule."""
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -718,6 +763,37 @@ EVAL_NEEDS_DATA = Rule(
 )
 
 
+#: Settings that only run on a GPU, refused at apply time for a CPU job (resources.gpus 0).
+FLASH_ATTENTION_NEEDS_GPU = Rule(
+    cel="self.resources.gpus > 0 || self.training.attnImplementation != 'flash_attention_2'",
+    message=(
+        "training.attnImplementation flash_attention_2 needs a GPU (resources.gpus 0 is CPU):"
+        " use auto or sdpa"
+    ),
+    field_path=".training.attnImplementation",
+    check=lambda s: s.resources.gpus > 0 or s.training.attn_implementation != "flash_attention_2",
+)
+LIGER_NEEDS_GPU = Rule(
+    cel="self.resources.gpus > 0 || !has(self.training.ligerKernel) || !self.training.ligerKernel",
+    message="training.ligerKernel needs a GPU (resources.gpus 0 is CPU): unset it",
+    field_path=".training.ligerKernel",
+    check=lambda s: s.resources.gpus > 0 or not s.training.liger_kernel,
+)
+BITSANDBYTES_OPTIMIZER_NEEDS_GPU = Rule(
+    cel=(
+        "self.resources.gpus > 0 || !("
+        + " || ".join(f"self.training.optim == '{name}'" for name in BITSANDBYTES_OPTIMIZERS)
+        + ")"
+    ),
+    message=(
+        "training.optim adamw_8bit and paged_* run on a GPU only (resources.gpus 0 is CPU):"
+        " use auto or adamw_torch"
+    ),
+    field_path=".training.optim",
+    check=lambda s: s.resources.gpus > 0 or s.training.optim not in BITSANDBYTES_OPTIMIZERS,
+)
+
+
 class FineTuneJobSpec(ApiModel):
     """The desired fine-tuning run. The training definition (everything except suspend and
     lifecycle) is immutable once created: to change it, create a new FineTuneJob."""
@@ -725,6 +801,9 @@ class FineTuneJobSpec(ApiModel):
     cel_rules = (
         QLORA_NEEDS_4BIT,
         EVAL_NEEDS_DATA,
+        FLASH_ATTENTION_NEEDS_GPU,
+        LIGER_NEEDS_GPU,
+        BITSANDBYTES_OPTIMIZER_NEEDS_GPU,
         immutable_optional("image"),
         immutable_optional("imagePullPolicy"),
         immutable_optional("imagePullSecrets"),
