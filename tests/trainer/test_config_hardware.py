@@ -13,7 +13,14 @@ from pydantic import ValidationError
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.trainer import TrainerConfig
 from kubetune_trainer.errors import InvalidConfigError, WorldSizeMismatchError
-from kubetune_trainer.hardware import Hardware, check_world_size, choose_precision, cpu_has_native_bf16
+from kubetune_trainer.hardware import (
+    Hardware,
+    check_strategy,
+    check_world_size,
+    choose_precision,
+    cpu_has_native_bf16,
+    expected_processes,
+)
 
 MINIMAL = {
     "model": {"source": "s3://models/tiny"},
@@ -106,6 +113,29 @@ def test_world_size_must_match_the_gpus_requested() -> None:
         check_world_size(gpus=4, world_size=4, visible_gpus=2)
     with pytest.raises(WorldSizeMismatchError, match="gpus is 0"):
         check_world_size(gpus=0, world_size=2, visible_gpus=0)
+
+
+def test_cpu_runs_as_many_processes_as_the_config_asks() -> None:
+    """resources.processes on CPU: the launch must start exactly that many (gloo data parallel)."""
+    assert expected_processes(gpus=0, processes=None) == 1
+    assert expected_processes(gpus=0, processes=3) == 3
+    assert expected_processes(gpus=4, processes=None) == 4
+    check_world_size(gpus=0, world_size=2, visible_gpus=0, processes=2)
+    check_world_size(gpus=4, world_size=4, visible_gpus=4, processes=4)
+    with pytest.raises(WorldSizeMismatchError, match="processes is 2, but 1 process"):
+        check_world_size(gpus=0, world_size=1, visible_gpus=0, processes=2)
+    with pytest.raises(WorldSizeMismatchError, match="--num_processes 2"):
+        check_world_size(gpus=0, world_size=3, visible_gpus=0, processes=2)
+
+
+def test_fsdp_must_have_taken_effect() -> None:
+    """accelerate drops --use_fsdp without a word where it cannot shard (CPU): the trainer must not."""
+    check_strategy("ddp", fsdp_enabled=False)
+    check_strategy("fsdp", fsdp_enabled=True)
+    with pytest.raises(WorldSizeMismatchError, match="strategy is fsdp but the Trainer runs plain data"):
+        check_strategy("fsdp", fsdp_enabled=False)
+    with pytest.raises(WorldSizeMismatchError, match="strategy is ddp but the Trainer runs FSDP"):
+        check_strategy("ddp", fsdp_enabled=True)
 
 
 def test_world_size_mismatch_exits_44(tmp_path: Path) -> None:

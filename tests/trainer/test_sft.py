@@ -7,11 +7,19 @@ from pathlib import Path
 import pytest
 
 from kubetune_api.spec import TrainingSpec
-from kubetune_trainer import sft
-from kubetune_trainer.hardware import PrecisionChoice
+from kubetune_trainer import batching, sft, throughput
+from kubetune_trainer.hardware import Hardware, PrecisionChoice
 
+CPU = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False, device_name="cpu")
+H100 = Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False, device_name="NVIDIA H100")
+FP32, BF16 = PrecisionChoice("fp32", "test"), PrecisionChoice("bf16", "test")
+NOTHING_INSTALLED = throughput.Installed(flash_attn=False, liger_kernel=False)
 CPU_PLAN = sft.Plan(
-    PrecisionChoice("fp32", "test"), cuda=False, gradient_checkpointing=False, assistant_only_loss=False
+    FP32,
+    cuda=False,
+    gradient_checkpointing=False,
+    assistant_only_loss=False,
+    speed=throughput.plan(TrainingSpec(), "qlora", CPU, FP32, NOTHING_INSTALLED),
 )
 
 
@@ -20,8 +28,9 @@ def test_every_training_field_is_passed_or_translated() -> None:
     passed = set(sft.same_named(TrainingSpec()))
     translated = set(sft.TRANSLATED)
     assert not passed & translated
-    assert fields == passed | translated, (
-        f"reach neither SFTConfig nor a translation: {fields - passed - translated}"
+    assert not (passed | translated) & sft.READ_AT_LOAD
+    assert fields == passed | translated | sft.READ_AT_LOAD, (
+        f"reach neither SFTConfig nor a translation: {fields - passed - translated - sft.READ_AT_LOAD}"
     )
 
 
@@ -60,13 +69,42 @@ def test_sft_config_carries_the_spec_and_the_plan(
 
 
 def test_gpu_plan_turns_on_bf16_and_checkpointing(tmp_path: Path) -> None:
+    installed = throughput.Installed(flash_attn=True, liger_kernel=True)
     plan = sft.Plan(
-        PrecisionChoice("bf16", "test"), cuda=True, gradient_checkpointing=True, assistant_only_loss=True
+        BF16,
+        cuda=True,
+        gradient_checkpointing=True,
+        assistant_only_loss=True,
+        speed=throughput.plan(TrainingSpec(), "qlora", H100, BF16, installed),
     )
     kwargs = sft.translated(TrainingSpec(), plan) | sft.fixed_arguments(plan, tmp_path)
     assert (kwargs["bf16"], kwargs["fp16"], kwargs["use_cpu"]) == (True, False, False)
     assert kwargs["activation_checkpointing"] is True
     assert kwargs["assistant_only_loss"] is True
+    # The fast path on a GPU-shaped config: flattened rows, Liger kernels, the QLoRA optimizer.
+    assert (kwargs["padding_free"], kwargs["use_liger_kernel"], kwargs["optim"]) == (
+        True,
+        True,
+        "paged_adamw_8bit",
+    )
+
+
+def test_cpu_defaults_reach_trl_as_length_grouped_adamw(tmp_path: Path) -> None:
+    args = sft.sft_config(TrainingSpec(), CPU_PLAN, tmp_path)
+    assert (args.padding_free, args.use_liger_kernel, args.optim) == (False, False, "adamw_torch")
+    assert CPU_PLAN.speed.batching == "length-grouped"
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [("length-grouped", batching.length_grouped_trainer_class()), ("padded", None), ("padding-free", None)],
+)
+def test_the_trainer_class_follows_the_batching(choice: str, expected: type | None) -> None:
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    speed = throughput.ThroughputPlan("sdpa", choice, False, "adamw_torch", ())  # type: ignore[arg-type]
+    chosen = sft.trainer_class(speed)
+    assert chosen is (expected or SFTTrainer)
 
 
 def test_max_grad_norm_reaches_trl(tmp_path: Path) -> None:

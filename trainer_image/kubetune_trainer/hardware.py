@@ -83,19 +83,50 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_world_size(gpus: int, world_size: int, visible_gpus: int) -> None:
-    """Fail when the launch does not match the GPUs requested (accelerate can fall back to 1)."""
+def expected_processes(gpus: int, processes: int | None) -> int:
+    """The world size a config asks for: ``processes``, else one per GPU, else one on CPU."""
+    if processes is not None:
+        return processes
+    return max(gpus, 1)
+
+
+def check_world_size(gpus: int, world_size: int, visible_gpus: int, processes: int | None = None) -> None:
+    """Fail when the launch does not match the config (accelerate can fall back to 1 process).
+
+    ``processes`` is the config's ``processes`` (spec.resources.processes): on CPU more than one
+    process trains over gloo; with GPUs it equals ``gpus`` (the API refuses anything else).
+    """
+    expected = expected_processes(gpus, processes)
     if gpus == 0:
-        if world_size != 1:
-            raise WorldSizeMismatchError(f"gpus is 0 (CPU) but {world_size} processes were launched")
+        if world_size != expected:
+            raise WorldSizeMismatchError(
+                f"gpus is 0 (CPU) and processes is {expected}, but {world_size} process(es) were"
+                f" launched; run `accelerate launch --multi_gpu --num_processes {expected}`"
+                " (resources.processes sets the number on CPU)"
+            )
         return
     if visible_gpus < gpus:
         raise WorldSizeMismatchError(
             f"{gpus} GPU(s) requested but only {visible_gpus} visible to the process;"
             " check resources.gpus and resources.gpuResourceName against the node's GPU device plugin"
         )
-    if world_size != gpus:
+    if world_size != expected:
         raise WorldSizeMismatchError(
             f"{gpus} GPU(s) requested but the launcher started {world_size} process(es); "
-            f"run `accelerate launch --num_processes {gpus}`"
+            f"run `accelerate launch --num_processes {expected}`"
+        )
+
+
+def check_strategy(strategy: str, fsdp_enabled: bool) -> None:
+    """Fail when FSDP was asked for but the Trainer did not shard (or the reverse).
+
+    accelerate turns ``ACCELERATE_USE_FSDP`` into FSDP only on GPUs; elsewhere (CPU, a launch
+    without ``--use_fsdp``) it trains plain data parallel without a word, which on GPUs means
+    a full model per GPU and an out-of-memory later. Call with the Trainer's ``is_fsdp_enabled``.
+    """
+    if (strategy == "fsdp") != fsdp_enabled:
+        actual = "FSDP" if fsdp_enabled else "plain data parallel (DDP)"
+        raise WorldSizeMismatchError(
+            f"distributed.strategy is {strategy} but the Trainer runs {actual}; the launch command must"
+            " carry accelerate's --use_fsdp flags exactly when the strategy is fsdp, on GPUs"
         )

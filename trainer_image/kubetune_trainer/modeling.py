@@ -92,9 +92,14 @@ def quantization_config(cfg: TrainerConfig, precision: PrecisionChoice) -> Any |
 
 
 def load_model(
-    source: str, cfg: TrainerConfig, precision: PrecisionChoice, gradient_checkpointing: bool
+    source: str,
+    cfg: TrainerConfig,
+    precision: PrecisionChoice,
+    gradient_checkpointing: bool,
+    attn_implementation: str,
 ) -> Any:
-    """Load the base model (quantized for qlora) and prepare it for k-bit training."""
+    """Load the base model (quantized for qlora) with the chosen attention kernel and prepare it for
+    k-bit training."""
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
@@ -107,6 +112,7 @@ def load_model(
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=getattr(torch, precision.torch_dtype_name),
         quantization_config=quant,
+        attn_implementation=attn_implementation,
         device_map={"": PartialState().device} if quant is not None else None,
     )
     if quant is not None:
@@ -115,6 +121,8 @@ def load_model(
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=gradient_checkpointing
         )
+    # No KV cache while training: with one, transformers skips the block-diagonal mask that keeps
+    # the rows of a padding-free batch apart on sdpa and eager (batching.check_rows_kept_apart).
     model.config.use_cache = False
     return model
 

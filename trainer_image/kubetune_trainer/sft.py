@@ -2,9 +2,9 @@
 
 The SFTConfig is built from a declared map: every ``training`` field whose name SFTConfig also
 has is passed as it is (a new same-named spec field needs nothing here), the few that TRL names
-differently or that depend on the hardware are in :data:`TRANSLATED`, and kubetune's own fixed
-choices are in :func:`fixed_arguments`. tests/trainer/test_sft.py fails when a ``training``
-field is in neither place.
+differently or that depend on the hardware are in :data:`TRANSLATED`, the one the model loading
+reads is in :data:`READ_AT_LOAD`, and kubetune's own fixed choices are in :func:`fixed_arguments`.
+tests/trainer/test_sft.py fails when a ``training`` field is in none of these places.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from kubetune_api.spec import TrainingSpec
 
-from . import hardware
+from . import batching, hardware, throughput
 from .dataset import ValidatedData
 from .formats import split_last_assistant_turn
 
@@ -32,7 +32,13 @@ TRANSLATED: Final = {
     "warmup_steps": ("warmup_steps",),
     "precision": ("bf16", "fp16"),  # resolved by hardware.choose_precision
     "gradient_checkpointing": ("activation_checkpointing",),  # resolved: on for GPUs, off on CPU
+    # The next three are resolved by throughput.plan from the hardware and what is installed.
+    "batching": ("padding_free",),  # length-grouped is the sampler of build_trainer's class
+    "liger_kernel": ("use_liger_kernel",),
+    "optim": ("optim",),
 }
+#: ``training`` fields that reach the model's loading (modeling.load_model), not SFTConfig.
+READ_AT_LOAD: Final = frozenset({"attn_implementation"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Plan:
     cuda: bool
     gradient_checkpointing: bool
     assistant_only_loss: bool
+    speed: throughput.ThroughputPlan
 
 
 @cache
@@ -58,7 +65,7 @@ def same_named(training: TrainingSpec) -> dict[str, Any]:
     return {
         name: getattr(training, name)
         for name in type(training).model_fields
-        if name in names - TRANSLATED.keys()
+        if name in names - TRANSLATED.keys() - READ_AT_LOAD
     }
 
 
@@ -70,6 +77,9 @@ def translated(training: TrainingSpec, plan: Plan) -> dict[str, Any]:
         "bf16": plan.precision.precision == "bf16",
         "fp16": plan.precision.precision == "fp16",
         "activation_checkpointing": plan.gradient_checkpointing,
+        "padding_free": plan.speed.batching == "padding-free",
+        "use_liger_kernel": plan.speed.liger_kernel,
+        "optim": plan.speed.optim,
     }
 
 
@@ -121,6 +131,16 @@ def to_rows(data: ValidatedData, assistant_mask: bool) -> tuple[list[dict[str, A
     )
 
 
+def trainer_class(speed: throughput.ThroughputPlan) -> type:
+    """TRL's SFTTrainer, with the length-grouped sampler when that is the batching."""
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    if speed.batching == "length-grouped":
+        return batching.length_grouped_trainer_class()
+    trainer: type = SFTTrainer
+    return trainer
+
+
 def build_trainer(
     model: Any,
     *,
@@ -129,11 +149,10 @@ def build_trainer(
     datasets: tuple[Any, Any | None],
     peft_config: Any,
     callbacks: list[Any],
+    speed: throughput.ThroughputPlan,
 ) -> Any:
-    from trl.trainer.sft_trainer import SFTTrainer
-
     train_ds, eval_ds = datasets
-    return SFTTrainer(
+    return trainer_class(speed)(
         model=model,
         args=args,
         train_dataset=train_ds,

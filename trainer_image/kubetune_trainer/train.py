@@ -20,7 +20,19 @@ from typing import Any
 from kubetune_api import wellknown
 from kubetune_api.trainer import TrainerConfig
 
-from . import checkpoints, dataset, errors, hardware, modeling, preflight, reporting, results, sft
+from . import (
+    batching,
+    checkpoints,
+    dataset,
+    errors,
+    hardware,
+    modeling,
+    preflight,
+    reporting,
+    results,
+    sft,
+    throughput,
+)
 from .storage import ObjectStore, join_uri
 
 log = logging.getLogger(__name__)
@@ -36,6 +48,8 @@ SUMMARY_KEYS = (
     "trainRuntimeSeconds",
     "resumedFromStep",
     "precision",
+    "batching",
+    "paddingWaste",
     "dataStats",
 )
 
@@ -68,6 +82,8 @@ class Built:
     has_eval: bool
     resume: Path | None
     checkpoint_sync: Any
+    #: The expected fraction of padding in the first epoch's training batches.
+    padding_waste: float
 
 
 @contextlib.contextmanager
@@ -118,15 +134,20 @@ def prepare_data(ctx: RunContext) -> dataset.ValidatedData:
 
 
 # -- build -----------------------------------------------------------------------------------------
-def plan_hardware(cfg: TrainerConfig) -> tuple[hardware.Hardware, hardware.PrecisionChoice, bool]:
-    """The device, the precision and whether to checkpoint activations."""
+def plan_hardware(
+    cfg: TrainerConfig,
+) -> tuple[hardware.Hardware, hardware.PrecisionChoice, bool, throughput.ThroughputPlan]:
+    """The device, the precision, whether to checkpoint activations, and the throughput choices."""
     hw = hardware.probe()
     precision = hardware.choose_precision(cfg.training.precision, hw)
     log.info("precision: %s (%s)", precision.precision, precision.reason)
     checkpointing = cfg.training.gradient_checkpointing
     gc = checkpointing if checkpointing is not None else hw.cuda
     log.info("gradient checkpointing: %s", "on" if gc else "off")
-    return hw, precision, gc
+    speed = throughput.plan(cfg.training, cfg.method, hw, precision, throughput.installed())
+    for reason in speed.reasons:
+        log.info("%s", reason)
+    return hw, precision, gc, speed
 
 
 def build_datasets(
@@ -173,27 +194,40 @@ def callbacks(ctx: RunContext) -> tuple[Any, list[Any]]:
 def build(ctx: RunContext, data: dataset.ValidatedData) -> Built:
     """Tokenizer, rows, model and the TRL trainer, resumed from the newest checkpoint."""
     cfg = ctx.cfg
-    hw, precision, gc = plan_hardware(cfg)
+    hw, precision, gc, speed = plan_hardware(cfg)
     with local_main_first():
         source = modeling.resolve_source(cfg.model, ctx.store, ctx.work_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    plan = sft.Plan(precision, hw.cuda, gc, data.format == "chat" and sft.chat_uses_assistant_mask(tokenizer))
+    assistant_mask = data.format == "chat" and sft.chat_uses_assistant_mask(tokenizer)
+    plan = sft.Plan(precision, hw.cuda, gc, assistant_mask, speed)
     train_rows, eval_rows = sft.to_rows(data, plan.assistant_only_loss)
     stats = dataset.token_stats(train_rows + eval_rows, tokenizer, cfg.training.max_seq_length)
     log.info("tokens: %s", stats.describe())
     datasets = build_datasets(cfg, train_rows, eval_rows)
-    model = modeling.load_model(source, cfg, precision, gc)
+    model = modeling.load_model(source, cfg, precision, gc, speed.attn_implementation)
     ckpt_root = ctx.work_dir / "checkpoints"
     resume = restore_checkpoint(ctx, ckpt_root)
     sync, found = callbacks(ctx)
     args = sft.sft_config(cfg.training, plan, ckpt_root)
     peft_config = modeling.lora_config(cfg)
     trainer = sft.build_trainer(
-        model, tokenizer=tokenizer, args=args, datasets=datasets, peft_config=peft_config, callbacks=found
+        model,
+        tokenizer=tokenizer,
+        args=args,
+        datasets=datasets,
+        peft_config=peft_config,
+        callbacks=found,
+        speed=speed,
     )
     modeling.adapter_dtype_fix(trainer.model, precision)
+    if speed.batching == "padding-free":
+        batching.check_rows_kept_apart(trainer.model, trainer.data_collator, speed.attn_implementation)
+    lengths = batching.row_lengths(trainer.train_dataset)
+    batch_size = args.per_device_train_batch_size
+    waste = batching.expected_padding_waste(speed.batching, lengths, batch_size, args.seed)
+    log.info("batching: %.1f %% of the tokens in the first epoch's batches are padding", 100 * waste)
     has_eval = datasets[1] is not None
-    return Built(trainer, tokenizer, source, plan, data.format, stats, has_eval, resume, sync)
+    return Built(trainer, tokenizer, source, plan, data.format, stats, has_eval, resume, sync, waste)
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -211,6 +245,12 @@ def train(ctx: RunContext, built: Built) -> dict[str, Any]:
         "datasetFormat": built.data_format,
         "precision": built.plan.precision.precision,
         "precisionReason": built.plan.precision.reason,
+        "batching": built.plan.speed.batching,
+        "attnImplementation": built.plan.speed.attn_implementation,
+        "optimizer": built.plan.speed.optim,
+        "ligerKernel": built.plan.speed.liger_kernel,
+        "throughputReasons": list(built.plan.speed.reasons),
+        "paddingWaste": round(built.padding_waste, 4),
         "globalStep": state.global_step,
         "epoch": round(float(state.epoch or 0.0), 4),
         "trainLoss": train_out.training_loss,
