@@ -554,9 +554,25 @@ class StorageSpec(ApiModel):
 class ResourcesSpec(ApiModel):
     """Compute for the trainer pod."""
 
+    cel_rules = (
+        Rule(
+            cel="!has(self.processes) || self.gpus == 0 || self.processes == self.gpus",
+            message=(
+                "resources.processes must equal resources.gpus (one process per GPU): unset it, or"
+                " set it to the number of GPUs"
+            ),
+            field_path=".processes",
+            check=lambda r: r.processes is None or r.gpus in (0, r.processes),
+        ),
+    )
+
     gpus: int = Field(default=1, ge=0, le=64)
     """GPUs for the trainer (one pod). More than one runs accelerate with one process per GPU; 0
     trains on CPU."""
+    processes: int | None = Field(default=None, ge=1, le=64)
+    """Trainer processes in the pod (accelerate launch --num_processes), training data parallel:
+    each process takes its share of every batch. Unset: one per GPU, one on CPU. With GPUs it must
+    equal gpus; on CPU (gpus 0) more than one process trains over gloo (small models, tests)."""
     gpu_resource_name: ResourceName = Field(default="nvidia.com/gpu", max_length=253)
     """Extended resource name of the GPUs (e.g. nvidia.com/gpu, amd.com/gpu)."""
     cpu: Quantity | None = None
@@ -570,6 +586,46 @@ class ResourcesSpec(ApiModel):
     upload, the result): the emptyDir's sizeLimit and the pod's ephemeral-storage request and limit,
     so the scheduler picks a node with that much disk. The trainer checks before downloading that
     the inputs fit. Unset means no limit (the node's free disk)."""
+
+
+DistributedStrategy = Literal["ddp", "fsdp"]
+FsdpSharding = Literal["full", "shard-grad-op"]
+
+
+class FsdpSpec(ApiModel):
+    """How FSDP (PyTorch FSDP2 through accelerate) shards the model over the pod's GPUs."""
+
+    sharding: FsdpSharding = "full"
+    """full: parameters, gradients and optimizer states sharded, parameters gathered per layer for
+    the forward and again for the backward (least memory, ZeRO-3). shard-grad-op: parameters kept
+    gathered from the forward to the backward (less communication, more memory, ZeRO-2-like)."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer states in CPU memory between uses
+    (fits larger models, much slower); size resources.memory for it."""
+    activation_checkpointing: bool = False
+    """FSDP's own activation checkpointing of each wrapped layer: less activation memory without
+    the extra all-gather that training.gradientCheckpointing costs under FSDP. Needs
+    training.gradientCheckpointing false (both cannot be on)."""
+
+
+class DistributedSpec(ApiModel):
+    """How the trainer's processes share the work (one pod, one process per GPU)."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.fsdp) || self.strategy == 'fsdp'",
+            message="distributed.fsdp applies to strategy fsdp only: set strategy fsdp, or remove fsdp",
+            field_path=".fsdp",
+            check=lambda d: d.fsdp is None or d.strategy == "fsdp",
+        ),
+    )
+
+    strategy: DistributedStrategy = "ddp"
+    """ddp: every process holds the whole model and trains on its share of each batch (the model
+    must fit one GPU). fsdp: the model, its gradients and optimizer states are sharded over the
+    GPUs, for models that do not fit one; needs resources.gpus 2 or more."""
+    fsdp: FsdpSpec | None = None
+    """Settings of strategy fsdp; unset: the defaults."""
 
 
 def _is_exists(t: Toleration) -> bool:
@@ -794,6 +850,35 @@ BITSANDBYTES_OPTIMIZER_NEEDS_GPU = Rule(
 )
 
 
+FSDP_NEEDS_GPUS = Rule(
+    cel="self.distributed.strategy != 'fsdp' || self.resources.gpus > 1",
+    message=(
+        "distributed.strategy fsdp shards the model over 2 or more GPUs (accelerate runs FSDP on GPUs"
+        " only): set resources.gpus to 2 or more, or use strategy ddp"
+    ),
+    field_path=".distributed.strategy",
+    check=lambda s: s.distributed.strategy != "fsdp" or s.resources.gpus > 1,
+)
+FSDP_ACTIVATION_CHECKPOINTING_ALONE = Rule(
+    cel=(
+        "self.distributed.strategy != 'fsdp' || !has(self.distributed.fsdp) ||"
+        " !self.distributed.fsdp.activationCheckpointing ||"
+        " (has(self.training.gradientCheckpointing) && !self.training.gradientCheckpointing)"
+    ),
+    message=(
+        "distributed.fsdp.activationCheckpointing replaces training.gradientCheckpointing (on by"
+        " default on GPUs): set training.gradientCheckpointing to false"
+    ),
+    field_path=".training.gradientCheckpointing",
+    check=lambda s: (
+        s.distributed.strategy != "fsdp"
+        or s.distributed.fsdp is None
+        or not s.distributed.fsdp.activation_checkpointing
+        or s.training.gradient_checkpointing is False
+    ),
+)
+
+
 class FineTuneJobSpec(ApiModel):
     """The desired fine-tuning run. The training definition (everything except suspend and
     lifecycle) is immutable once created: to change it, create a new FineTuneJob."""
@@ -804,6 +889,8 @@ class FineTuneJobSpec(ApiModel):
         FLASH_ATTENTION_NEEDS_GPU,
         LIGER_NEEDS_GPU,
         BITSANDBYTES_OPTIMIZER_NEEDS_GPU,
+        FSDP_NEEDS_GPUS,
+        FSDP_ACTIVATION_CHECKPOINTING_ALONE,
         immutable_optional("image"),
         immutable_optional("imagePullPolicy"),
         immutable_optional("imagePullSecrets"),
@@ -830,6 +917,11 @@ class FineTuneJobSpec(ApiModel):
     Credentials come from a Secret reference or the pod's cloud identity; never inline."""
     resources: ResourcesSpec = Field(default=ResourcesSpec(), json_schema_extra=immutable("resources"))
     """Compute for the trainer pod."""
+    distributed: DistributedSpec = Field(
+        default=DistributedSpec(), json_schema_extra=immutable("distributed")
+    )
+    """How the trainer's processes share the work: ddp (the default) or fsdp for models that do
+    not fit one GPU."""
     scheduling: SchedulingSpec = Field(default=SchedulingSpec(), json_schema_extra=immutable("scheduling"))
     """Where and when the trainer pod may run."""
     identity: IdentitySpec = Field(default=IdentitySpec(), json_schema_extra=immutable("identity"))

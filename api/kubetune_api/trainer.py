@@ -31,6 +31,7 @@ from .spec import (
     EVAL_NEEDS_DATA,
     QLORA_NEEDS_4BIT,
     DatasetSpec,
+    DistributedSpec,
     FineTuneJobSpec,
     LoraSpec,
     Method,
@@ -84,7 +85,11 @@ _FINGERPRINT_FIELDS: dict[str, Any] = {
     "training": True,
     "output": True,
     "gpus": True,
+    "distributed": True,
 }
+# ``processes`` is left out: a checkpoint resumes with another number of processes (the Trainer
+# restores the global step; docs/trainer.md, "Multi-process and FSDP"). ``distributed`` is in: an
+# FSDP checkpoint's optimizer state is not one a DDP run can load, nor the reverse.
 
 
 class TrainerConfig(ApiModel):
@@ -106,6 +111,12 @@ class TrainerConfig(ApiModel):
     reporting: ReportingSpec = ReportingSpec()
     gpus: int = Field(default=0, ge=0, le=64)
     """GPUs requested; the trainer fails if the launched world size differs. 0 = CPU."""
+    processes: int | None = Field(default=None, ge=1, le=64)
+    """Processes the operator launches (spec.resources.processes); unset: one per GPU, one on CPU.
+    The trainer fails if the launched world size differs."""
+    distributed: DistributedSpec = DistributedSpec()
+    """ddp or fsdp (spec.distributed); the operator's launch command carries the FSDP settings, the
+    trainer checks that they took effect."""
     work_dir: str = Field(default=wellknown.WORK_DIR, min_length=1)
     """Local scratch folder (an emptyDir in the pod): downloads, checkpoints before upload."""
     secret_files: SecretFilesSpec = SecretFilesSpec()
@@ -134,6 +145,8 @@ class TrainerConfig(ApiModel):
             output=spec.output,
             reporting=reporting,
             gpus=spec.resources.gpus,
+            processes=spec.resources.processes,
+            distributed=spec.distributed,
             scratch_bytes=None if scratch is None else int(quantity_value(scratch)),
             secret_files=SecretFilesSpec(
                 storage_credentials=spec.storage.credentials_secret_ref is not None,

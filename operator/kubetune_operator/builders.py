@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from kubetune_api import coordinates, wellknown
 from kubetune_api.base import field_errors
 from kubetune_api.exitcodes import NON_RETRYABLE, TERMINATED_EXIT_CODE
-from kubetune_api.spec import FineTuneJobSpec
+from kubetune_api.spec import DistributedSpec, FineTuneJobSpec, FsdpSpec
 from kubetune_api.trainer import ReportingSpec, TrainerConfig
 
 from . import names
@@ -164,12 +164,59 @@ def role_binding(ftj: Body) -> Obj:
     }
 
 
-def trainer_command(gpu_count: int) -> list[str]:
-    """One process for CPU or one GPU; ``accelerate launch`` with a process per GPU beyond that."""
+def trainer_command(
+    gpu_count: int, processes: int | None = None, distributed: DistributedSpec | None = None
+) -> list[str]:
+    """``python`` for one process; ``accelerate launch`` with the world size and FSDP flags beyond.
+
+    ``--multi_gpu`` selects accelerate's torch.distributed launcher (one local process per rank)
+    also on CPU: there the trainer's ``use_cpu`` makes them train over gloo, while accelerate's
+    ``--cpu`` would start a single process (several only through mpirun with a hostfile).
+    ``--main_process_port 0``: a free port for the ranks' rendezvous inside the pod.
+    """
     tail = ["-m", "kubetune_trainer", "--config", wellknown.CONFIG_PATH]
-    if gpu_count > 1:
-        return ["accelerate", "launch", "--num_processes", str(gpu_count), *tail]
-    return ["python", *tail]
+    strategy = distributed if distributed is not None else DistributedSpec()
+    world = processes if processes is not None else max(gpu_count, 1)
+    if world == 1 and strategy.strategy == "ddp":
+        return ["python", *tail]
+    launch = ["accelerate", "launch", "--num_processes", str(world), "--num_machines", "1"]
+    launch += ["--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if strategy.strategy == "fsdp":
+        return [*launch, *fsdp_flags(strategy.fsdp or FsdpSpec()), *tail]
+    return [*launch, "--multi_gpu", *tail]
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def fsdp_flags(fsdp: FsdpSpec) -> list[str]:
+    """accelerate 1.15's FSDP flags for ``fsdp``: FSDP2, each decoder layer wrapped on its own.
+
+    ``--mixed_precision no`` above leaves the precision to the Trainer (bf16/fp16 from
+    training.precision), which hands it to FSDP's mixed-precision policy. Checkpoints are
+    sharded (each rank writes its part; torch.distributed.checkpoint can load them with another
+    world size); the wrap policy takes the layer class from the model (``_no_split_modules``).
+    """
+    return [
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--fsdp_reshard_after_forward",
+        _flag(fsdp.sharding == "full"),
+        "--fsdp_offload_params",
+        _flag(fsdp.cpu_offload),
+        "--fsdp_activation_checkpointing",
+        _flag(fsdp.activation_checkpointing),
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_state_dict_type",
+        "SHARDED_STATE_DICT",
+        "--fsdp_cpu_ram_efficient_loading",
+        "true",
+        "--fsdp_sync_module_states",
+        "true",
+    ]
 
 
 def trainer_env(ftj: Body) -> list[Obj]:
@@ -274,7 +321,7 @@ def trainer_container(ftj: Body, image: str) -> Obj:
     container: Obj = {
         "name": names.TRAINER_CONTAINER,
         "image": image,
-        "command": trainer_command(spec.resources.gpus),
+        "command": trainer_command(spec.resources.gpus, spec.resources.processes, spec.distributed),
         "env": trainer_env(ftj),
         "resources": trainer_resources(spec),
         "volumeMounts": [

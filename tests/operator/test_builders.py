@@ -284,22 +284,92 @@ def test_image_by_digest_reaches_the_container(make_ftj: Any) -> None:
     assert _container(builders.job(make_ftj(image=image), TRAINER_IMAGE))["image"] == image
 
 
+#: What every multi-process launch starts with (before the strategy's own flags).
+LAUNCH = ["--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no"]
+LAUNCH += ["--dynamo_backend", "no"]
+
+
 @pytest.mark.parametrize(
-    ("gpu_count", "command_head", "gpu_limit"),
+    ("resources", "command_head", "gpu_limit"),
     [
-        (0, ["python", "-m", "kubetune_trainer"], None),
-        (1, ["python", "-m", "kubetune_trainer"], "1"),
-        (4, ["accelerate", "launch", "--num_processes", "4", "-m", "kubetune_trainer"], "4"),
+        ({"gpus": 0}, ["python", "-m", "kubetune_trainer"], None),
+        ({"gpus": 1}, ["python", "-m", "kubetune_trainer"], "1"),
+        ({"gpus": 0, "processes": 1}, ["python", "-m", "kubetune_trainer"], None),
+        ({"gpus": 4}, ["accelerate", "launch", "--num_processes", "4", *LAUNCH, "--multi_gpu", "-m"], "4"),
+        (
+            {"gpus": 4, "processes": 4},
+            ["accelerate", "launch", "--num_processes", "4", *LAUNCH, "--multi_gpu", "-m"],
+            "4",
+        ),
+        (
+            {"gpus": 0, "processes": 2},
+            ["accelerate", "launch", "--num_processes", "2", *LAUNCH, "--multi_gpu"],
+            None,
+        ),
     ],
 )
-def test_gpu_count_picks_launcher_and_limits(
-    make_ftj: Any, gpu_count: int, command_head: list[str], gpu_limit: str | None
+def test_gpus_and_processes_pick_launcher_and_limits(
+    make_ftj: Any, resources: Obj, command_head: list[str], gpu_limit: str | None
 ) -> None:
-    ftj = make_ftj(resources={"gpus": gpu_count, "gpuResourceName": "amd.com/gpu"})
+    ftj = make_ftj(resources={**resources, "gpuResourceName": "amd.com/gpu"})
     container = _container(builders.job(ftj, TRAINER_IMAGE))
     assert container["command"][: len(command_head)] == command_head
-    assert container["command"][-2:] == ["--config", "/etc/kubetune/config.json"]
+    assert container["command"][-4:] == ["-m", "kubetune_trainer", "--config", "/etc/kubetune/config.json"]
     assert container["resources"].get("limits", {}).get("amd.com/gpu") == gpu_limit
+    config = json.loads(builders.config_map(ftj)["data"]["config.json"])
+    assert config.get("processes") == resources.get("processes")
+
+
+def _accelerate_env(command: list[str]) -> dict[str, str]:
+    """What accelerate 1.15's own parser and launcher environment make of a built command."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    assert command[:2] == ["accelerate", "launch"]
+    args = launch_command_parser().parse_args(command[2:])
+    args, _, _ = _validate_launch_command(args)
+    env: dict[str, str] = prepare_multi_gpu_env(args)
+    return env
+
+
+def test_fsdp_settings_reach_accelerate_as_its_fsdp_environment(make_ftj: Any) -> None:
+    """Each spec.distributed.fsdp setting becomes the FSDP_* variable accelerate's plugin reads
+    (parsed by accelerate's own launcher code: a misspelt flag fails here, not in a GPU pod)."""
+    ftj = make_ftj(
+        resources={"gpus": 8},
+        distributed={
+            "strategy": "fsdp",
+            "fsdp": {"sharding": "shard-grad-op", "cpuOffload": True, "activationCheckpointing": True},
+        },
+        training={"gradientCheckpointing": False},
+    )
+    command = _container(builders.job(ftj, TRAINER_IMAGE))["command"]
+    assert "--multi_gpu" not in command  # --use_fsdp picks the same torch.distributed launcher
+    env = _accelerate_env(command)
+    assert env["ACCELERATE_USE_FSDP"] == "true"
+    assert env["FSDP_VERSION"] == "2"
+    assert env["FSDP_RESHARD_AFTER_FORWARD"] == "false"
+    assert env["FSDP_OFFLOAD_PARAMS"] == "true"
+    assert env["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == env["FSDP_SYNC_MODULE_STATES"] == "true"
+
+    defaults = make_ftj(resources={"gpus": 2}, distributed={"strategy": "fsdp"})
+    env = _accelerate_env(_container(builders.job(defaults, TRAINER_IMAGE))["command"])
+    assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true"  # sharding full
+    assert env["FSDP_OFFLOAD_PARAMS"] == env["FSDP_ACTIVATION_CHECKPOINTING"] == "false"
+    config = json.loads(builders.config_map(defaults)["data"]["config.json"])
+    assert config["distributed"] == {"strategy": "fsdp"}
+
+
+def test_ddp_launch_is_accelerates_multi_process_launcher(make_ftj: Any) -> None:
+    """gpus 0 with processes 2 and gpus 4 both go through torch.distributed's launcher, no FSDP."""
+    for resources in ({"gpus": 0, "processes": 2}, {"gpus": 4}):
+        command = _container(builders.job(make_ftj(resources=resources), TRAINER_IMAGE))["command"]
+        env = _accelerate_env(command)
+        assert "ACCELERATE_USE_FSDP" not in env
+        assert env["ACCELERATE_MIXED_PRECISION"] == "no"  # the Trainer's bf16/fp16 decides
 
 
 def test_scheduling_image_and_queue(make_ftj: Any) -> None:
