@@ -99,10 +99,12 @@ def check_world_size(gpus: int, world_size: int, visible_gpus: int, processes: i
     expected = expected_processes(gpus, processes)
     if gpus == 0:
         if world_size != expected:
+            launch = (
+                "python" if expected == 1 else f"accelerate launch --multi_gpu --num_processes {expected}"
+            )
             raise WorldSizeMismatchError(
                 f"gpus is 0 (CPU) and processes is {expected}, but {world_size} process(es) were"
-                f" launched; run `accelerate launch --multi_gpu --num_processes {expected}`"
-                " (resources.processes sets the number on CPU)"
+                f" launched; run `{launch}` (resources.processes sets the number on CPU)"
             )
         return
     if visible_gpus < gpus:
