@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from kubetune_api.reasons import Phase
+from kubetune_api.resource import FineTuneJob
 from kubetune_api.spec import FineTuneJobSpec
 
 from . import render
@@ -131,53 +132,44 @@ def _print_json(value: Any) -> None:
 
 
 # -- run --------------------------------------------------------------------------------------
-def _spec_from_flags(
-    *,
-    model: str | None,
-    dataset: str | None,
-    validation: str | None,
-    output: str | None,
-    fmt: Format,
-    method: MethodChoice,
-    max_steps: int | None,
-    epochs: float | None,
-    learning_rate: float | None,
-    batch_size: int | None,
-    lora_r: int | None,
-    gpus: int | None,
-    storage_endpoint: str | None,
-    credentials_secret: str | None,
-) -> FineTuneJobSpec:
-    missing = [
-        flag
-        for flag, value in (("--model", model), ("--dataset", dataset), ("--output", output))
-        if not value
-    ]
+def _spec_from_flags(flags: dict[str, Any], fmt: Format, method: MethodChoice) -> FineTuneJobSpec:
+    """``kubetune run``'s spec flags (unset ones are None) as a validated spec."""
+    missing = [f"--{key}" for key in ("model", "dataset", "output") if not flags[key]]
     if missing:
         raise InvalidSpecError(f"kubetune run needs -f MANIFEST, or {', '.join(missing)}")
-    training: dict[str, Any] = {
-        "maxSteps": max_steps,
-        "numTrainEpochs": epochs,
-        "learningRate": learning_rate,
-        "perDeviceTrainBatchSize": batch_size,
+    training = {
+        "maxSteps": flags["max_steps"],
+        "numTrainEpochs": flags["epochs"],
+        "learningRate": flags["learning_rate"],
+        "perDeviceTrainBatchSize": flags["batch_size"],
     }
-    storage: dict[str, Any] = {"endpoint": storage_endpoint}
-    if credentials_secret:
-        storage["credentialsSecretRef"] = {"name": credentials_secret}
+    storage: dict[str, Any] = {"endpoint": flags["storage_endpoint"]}
+    if flags["credentials_secret"]:
+        storage["credentialsSecretRef"] = {"name": flags["credentials_secret"]}
     spec: dict[str, Any] = {
-        "model": {"source": model},
-        "dataset": {"train": dataset, "validation": validation, "format": fmt.value},
+        "model": {"source": flags["model"]},
+        "dataset": {"train": flags["dataset"], "validation": flags["validation"], "format": fmt.value},
         "method": method.value,
-        "output": {"uri": output},
+        "output": {"uri": flags["output"]},
         "training": {k: v for k, v in training.items() if v is not None},
         "storage": {k: v for k, v in storage.items() if v is not None},
-        "lora": {"r": lora_r} if lora_r is not None else {},
-        "resources": {"gpus": gpus} if gpus is not None else {},
+        "lora": {"r": flags["lora_r"]} if flags["lora_r"] is not None else {},
+        "resources": {"gpus": flags["gpus"]} if flags["gpus"] is not None else {},
     }
-    if spec["method"] == "lora":
+    if method is MethodChoice.lora:
         spec["quantization"] = {"bits": 16}
-    resource = to_resource({k: v for k, v in spec.items() if v != {}})
-    return resource.spec
+    return to_resource({k: v for k, v in spec.items() if v != {}}).spec
+
+
+def _resource(file: Path | None, flags: dict[str, Any], fmt: Format, method: MethodChoice) -> FineTuneJob:
+    """The FineTuneJob ``kubetune run`` creates: from the manifest, or from the flags."""
+    if file is None:
+        return to_resource(_spec_from_flags(flags, fmt, method))
+    if any(value is not None for value in flags.values()):
+        raise InvalidSpecError(
+            "give either -f MANIFEST or the spec flags (--model, --dataset, ...), not both"
+        )
+    return load_manifest(file)
 
 
 @app.command()
@@ -227,21 +219,13 @@ def run(
 
       kubetune run --name chat --model Qwen/Qwen2.5-0.5B --dataset s3://d/chat.jsonl --output s3://o/chat -w
     """
-    flags = (model, dataset, validation, output, max_steps, epochs, learning_rate, batch_size, lora_r, gpus)
-    if file is not None and any(v is not None for v in (*flags, storage_endpoint, credentials_secret)):
-        raise InvalidSpecError(
-            "give either -f MANIFEST or the spec flags (--model, --dataset, ...), not both"
-        )
-    if file is not None:
-        resource = load_manifest(file)
-    else:
-        spec = _spec_from_flags(
-            model=model, dataset=dataset, validation=validation, output=output, fmt=fmt, method=method,
-            max_steps=max_steps, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-            lora_r=lora_r, gpus=gpus, storage_endpoint=storage_endpoint,
-            credentials_secret=credentials_secret,
-        )  # fmt: skip
-        resource = to_resource(spec)
+    flags = {
+        "model": model, "dataset": dataset, "validation": validation, "output": output,
+        "max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
+        "lora_r": lora_r, "gpus": gpus, "storage_endpoint": storage_endpoint,
+        "credentials_secret": credentials_secret,
+    }  # fmt: skip
+    resource = _resource(file, flags, fmt, method)
     if suspend:
         resource = resource.model_copy(update={"spec": resource.spec.model_copy(update={"suspend": True})})
     client = _client(kubeconfig, context, namespace)
