@@ -179,7 +179,8 @@ def trainer_command(
     world = processes if processes is not None else max(gpu_count, 1)
     if world == 1 and strategy.strategy == "ddp":
         return ["python", *tail]
-    launch = ["accelerate", "launch", "--num_processes", str(world), "--num_machines", "1"]
+    # accelerate's launcher, run so that a failed rank's exit code is the container's (launch.py).
+    launch = ["python", "-m", "kubetune_trainer.launch", "--num_processes", str(world), "--num_machines", "1"]
     launch += ["--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if strategy.strategy == "fsdp":
         return [*launch, *fsdp_flags(strategy.fsdp or FsdpSpec()), *tail]

@@ -185,7 +185,7 @@ def test_dockerignore_lets_every_copy_source_through(image: str) -> None:
 
 
 def test_trainer_image_has_what_the_operators_job_runs() -> None:
-    """The Job's command (python, or accelerate launch for several GPUs) exists in the trainer
+    """The Job's command (python, or accelerate's launcher for several GPUs) exists in the trainer
     image: python from the base image, accelerate from the locked `trainer` extra."""
     from kubetune_operator.builders import trainer_command
 
@@ -196,7 +196,10 @@ def test_trainer_image_has_what_the_operators_job_runs() -> None:
     assert "PATH=/opt/venv/bin:$PATH" in path_env
     for gpus in (0, 1, 4):
         command = trainer_command(gpus)
-        assert command[0] in {"python", "accelerate"}, command
-        if command[0] == "accelerate":
+        assert command[0] == "python", command
+        modules = [command[i + 1] for i, arg in enumerate(command) if arg == "-m"]
+        if gpus > 1:  # accelerate's launcher, through the trainer package's wrapper
             assert "accelerate" in trainer_packages
-        assert command[command.index("-m") + 1] == MODULES["trainer"]
+            assert modules == [f"{MODULES['trainer']}.launch", MODULES["trainer"]]
+        else:
+            assert modules == [MODULES["trainer"]]

@@ -284,6 +284,8 @@ def test_image_by_digest_reaches_the_container(make_ftj: Any) -> None:
     assert _container(builders.job(make_ftj(image=image), TRAINER_IMAGE))["image"] == image
 
 
+#: accelerate's launcher, through the trainer's wrapper that keeps a failed rank's exit code.
+LAUNCHER = ["python", "-m", "kubetune_trainer.launch"]
 #: What every multi-process launch starts with (before the strategy's own flags).
 LAUNCH = ["--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no"]
 LAUNCH += ["--dynamo_backend", "no"]
@@ -295,15 +297,15 @@ LAUNCH += ["--dynamo_backend", "no"]
         ({"gpus": 0}, ["python", "-m", "kubetune_trainer"], None),
         ({"gpus": 1}, ["python", "-m", "kubetune_trainer"], "1"),
         ({"gpus": 0, "processes": 1}, ["python", "-m", "kubetune_trainer"], None),
-        ({"gpus": 4}, ["accelerate", "launch", "--num_processes", "4", *LAUNCH, "--multi_gpu", "-m"], "4"),
+        ({"gpus": 4}, [*LAUNCHER, "--num_processes", "4", *LAUNCH, "--multi_gpu", "-m"], "4"),
         (
             {"gpus": 4, "processes": 4},
-            ["accelerate", "launch", "--num_processes", "4", *LAUNCH, "--multi_gpu", "-m"],
+            [*LAUNCHER, "--num_processes", "4", *LAUNCH, "--multi_gpu", "-m"],
             "4",
         ),
         (
             {"gpus": 0, "processes": 2},
-            ["accelerate", "launch", "--num_processes", "2", *LAUNCH, "--multi_gpu"],
+            [*LAUNCHER, "--num_processes", "2", *LAUNCH, "--multi_gpu"],
             None,
         ),
     ],
@@ -325,8 +327,8 @@ def _accelerate_env(command: list[str]) -> dict[str, str]:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    assert command[:2] == ["accelerate", "launch"]
-    args = launch_command_parser().parse_args(command[2:])
+    assert command[:3] == LAUNCHER
+    args = launch_command_parser().parse_args(command[3:])
     args, _, _ = _validate_launch_command(args)
     env: dict[str, str] = prepare_multi_gpu_env(args)
     return env

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kubetune_localenv.tinymodel import text_records
 from kubetune_trainer import batching
 from kubetune_trainer.errors import InvalidConfigError
+
+from .conftest import TrainerRun, to_jsonl, upload_folder
 
 
 def long_tailed_lengths(count: int, seed: int = 0) -> list[int]:
@@ -185,3 +190,42 @@ def test_the_probe_refuses_a_model_that_attends_across_rows() -> None:
     model = tiny_llama("sdpa", use_cache=True)
     with pytest.raises(InvalidConfigError, match=r"set training\.batching to length-grouped"):
         batching.check_rows_kept_apart(model, padding_free_collator(), "sdpa")
+
+
+# -- through the real entrypoint ------------------------------------------------------------------------
+@pytest.mark.s3
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("training", "expected"),
+    [
+        ({}, ("length-grouped", False)),  # the CPU default
+        ({"batching": "padding-free"}, ("padding-free", True)),
+        ({"packing": True}, ("padding-free", True)),
+        ({"batching": "padded"}, ("padded", False)),
+    ],
+    ids=["auto", "padding-free", "packing", "padded"],
+)
+def test_each_batching_trains_through_the_entrypoint(
+    trainer_run: TrainerRun,
+    s3_client: Any,
+    tiny_model_dir: Path,
+    training: dict[str, Any],
+    expected: tuple[str, bool],
+) -> None:
+    """expected: the batching metrics.json names, and whether the cross-row probe ran."""
+    batching_used, probed = expected
+    run = trainer_run
+    upload_folder(s3_client, tiny_model_dir, run.bucket, "models/tiny")
+    records = [{"text": r["text"] * (1 + n % 5)} for n, r in enumerate(text_records(24))]
+    s3_client.put_object(Bucket=run.bucket, Key="data/train.jsonl", Body=to_jsonl(records))
+    run.config["method"] = "lora"
+    run.config["training"].update(maxSteps=3, saveSteps=3, **training)
+    code, log = run.run()
+    assert code == 0, log
+    metrics = json.loads(s3_client.get_object(Bucket=run.bucket, Key="out/job-1/metrics.json")["Body"].read())
+    assert metrics["batching"] == batching_used
+    assert metrics["attnImplementation"] == "sdpa"
+    assert ("padding-free rows kept apart" in log) is probed
+    if batching_used == "padding-free":
+        assert metrics["paddingWaste"] == 0.0
+    assert metrics["globalStep"] == 3

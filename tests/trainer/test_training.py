@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from kubetune_api.coordinates import GROUP, PLURAL, VERSION
+from kubetune_trainer.hardware import cpu_has_native_bf16
 from kubetune_trainer.reporting import JobRef
 
 from .conftest import RECORDS, TrainerRun, to_jsonl, upload_folder
@@ -152,7 +153,11 @@ def test_format_trains_and_publishes(
 
     code, log = run.run()
     assert code == 0, log
-    assert "precision: fp32 (auto: CPU without native bf16" in log
+    # auto precision follows this CPU: bf16 where it has avx512_bf16/amx_bf16, else fp32.
+    native = cpu_has_native_bf16()
+    expected = "bf16 (auto: CPU has native bf16" if native else "fp32 (auto: CPU without native bf16"
+    assert f"precision: {expected}" in log
+    assert "batching: length-grouped (auto: length-grouped (sdpa" in log
 
     # Loss falls.
     metrics = json.loads(_get(s3_client, bucket, "out/job-1/metrics.json"))

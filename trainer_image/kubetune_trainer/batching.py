@@ -109,6 +109,32 @@ def length_grouped_trainer_class() -> type:
     return LengthGroupedSFTTrainer
 
 
+@cache
+def padding_free_trainer_class() -> type:
+    """TRL's SFTTrainer for flattened rows without packing, truncating each row itself.
+
+    TRL 1.16 refuses ``padding_free`` with a ``max_length`` unless packing, so the SFTConfig gets
+    none and this truncates the prepared rows as TRL's own preparation does (keep the start, drop
+    rows left with no label).
+    """
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    class PaddingFreeSFTTrainer(SFTTrainer):
+        def __init__(self, *args: Any, max_row_length: int, **kwargs: Any) -> None:
+            self.max_row_length = max_row_length  # read by _prepare_dataset, inside __init__
+            super().__init__(*args, **kwargs)
+
+        def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            prepared = super()._prepare_dataset(dataset, *args, **kwargs)
+            keep = slice(None, self.max_row_length)
+            truncated = prepared.map(
+                lambda row: {"input_ids": row["input_ids"][keep], "labels": row["labels"][keep]}
+            )
+            return truncated.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+    return PaddingFreeSFTTrainer
+
+
 def check_rows_kept_apart(model: Any, collator: Any, attention: str) -> None:
     """Refuse (exit 43) a padding-free run whose model lets a flattened row attend to the one before.
 

@@ -77,7 +77,7 @@ def quantization_config(cfg: TrainerConfig, precision: PrecisionChoice) -> Any |
     import torch
     from transformers import BitsAndBytesConfig
 
-    quant = cfg.quantization
+    quant, fsdp = cfg.quantization, cfg.distributed.strategy == "fsdp"
     if cfg.method == "qlora":
         compute = precision.torch_dtype_name if quant.compute_dtype == "auto" else quant.compute_dtype
         return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
@@ -85,6 +85,9 @@ def quantization_config(cfg: TrainerConfig, precision: PrecisionChoice) -> Any |
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, compute),
+            # FSDP shards floating-point tensors only: 4-bit weights stored as the compute dtype
+            # are sharded with the rest (the default, uint8, would leave them out).
+            **({"bnb_4bit_quant_storage": getattr(torch, compute)} if fsdp else {}),
         )
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]

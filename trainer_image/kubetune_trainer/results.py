@@ -89,11 +89,13 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
 
 
 def write_local(
-    folder: Path, cfg: TrainerConfig, model: Any, tokenizer: Any, metrics: dict[str, Any]
+    folder: Path, cfg: TrainerConfig, model: Any | None, tokenizer: Any, metrics: dict[str, Any]
 ) -> None:
-    """Write the adapter, tokenizer, config, metrics and model card into ``folder``."""
+    """Write the adapter (unless ``model`` is None: saved already, as under FSDP), tokenizer, config,
+    metrics and model card into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    if model is not None:
+        model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     (folder / wellknown.RESOLVED_CONFIG).write_text(cfg.to_resolved_json() + "\n")
     (folder / wellknown.METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")

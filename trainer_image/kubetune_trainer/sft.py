@@ -72,7 +72,8 @@ def same_named(training: TrainingSpec) -> dict[str, Any]:
 def translated(training: TrainingSpec, plan: Plan) -> dict[str, Any]:
     """The arguments of :data:`TRANSLATED`."""
     return {
-        "max_length": training.max_seq_length,
+        # Flattened rows without packing: the trainer class truncates them (batching.py).
+        "max_length": None if truncates_itself(training, plan) else training.max_seq_length,
         "warmup_steps": training.warmup_steps if training.warmup_steps > 0 else training.warmup_ratio,
         "bf16": plan.precision.precision == "bf16",
         "fp16": plan.precision.precision == "fp16",
@@ -91,6 +92,8 @@ def fixed_arguments(plan: Plan, output_dir: Path) -> dict[str, Any]:
         "assistant_only_loss": plan.assistant_only_loss,
         "use_cpu": not plan.cuda,
         "include_num_input_tokens_seen": "non_padding",
+        # Best-fit packing keeps row boundaries (position ids); "wrapped" would cut rows and join them.
+        "packing_strategy": "bfd",
         "report_to": "none",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
@@ -131,12 +134,19 @@ def to_rows(data: ValidatedData, assistant_mask: bool) -> tuple[list[dict[str, A
     )
 
 
-def trainer_class(speed: throughput.ThroughputPlan) -> type:
-    """TRL's SFTTrainer, with the length-grouped sampler when that is the batching."""
+def truncates_itself(training: TrainingSpec, plan: Plan) -> bool:
+    """Padding-free without packing: TRL takes no max_length then, the trainer class truncates."""
+    return plan.speed.batching == "padding-free" and not training.packing
+
+
+def trainer_class(speed: throughput.ThroughputPlan, packing: bool = False) -> type:
+    """TRL's SFTTrainer, with the length-grouped sampler or the row truncation the batching needs."""
     from trl.trainer.sft_trainer import SFTTrainer
 
     if speed.batching == "length-grouped":
         return batching.length_grouped_trainer_class()
+    if speed.batching == "padding-free" and not packing:
+        return batching.padding_free_trainer_class()
     trainer: type = SFTTrainer
     return trainer
 
@@ -150,9 +160,13 @@ def build_trainer(
     peft_config: Any,
     callbacks: list[Any],
     speed: throughput.ThroughputPlan,
+    max_row_length: int,
 ) -> Any:
     train_ds, eval_ds = datasets
-    return trainer_class(speed)(
+    cls = trainer_class(speed, args.packing)
+    extra = {"max_row_length": max_row_length} if cls is batching.padding_free_trainer_class() else {}
+    return cls(
+        **extra,
         model=model,
         args=args,
         train_dataset=train_ds,

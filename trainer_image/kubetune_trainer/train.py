@@ -109,7 +109,7 @@ def prepare(cfg: TrainerConfig) -> RunContext:
         import torch
 
         gpus_visible = torch.cuda.device_count()
-    hardware.check_world_size(cfg.gpus, hardware.launched_world_size(), gpus_visible)
+    hardware.check_world_size(cfg.gpus, hardware.launched_world_size(), gpus_visible, cfg.processes)
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     store = ObjectStore.from_spec(cfg.storage)
@@ -218,7 +218,9 @@ def build(ctx: RunContext, data: dataset.ValidatedData) -> Built:
         peft_config=peft_config,
         callbacks=found,
         speed=speed,
+        max_row_length=cfg.training.max_seq_length,
     )
+    hardware.check_strategy(cfg.distributed.strategy, bool(getattr(trainer, "is_fsdp_enabled", False)))
     modeling.adapter_dtype_fix(trainer.model, precision)
     if speed.batching == "padding-free":
         batching.check_rows_kept_apart(trainer.model, trainer.data_collator, speed.attn_implementation)
@@ -268,10 +270,17 @@ def train(ctx: RunContext, built: Built) -> dict[str, Any]:
 # -- publish ---------------------------------------------------------------------------------------
 def publish(ctx: RunContext, built: Built, metrics: dict[str, Any]) -> None:
     """Write the result locally, merge if asked, then upload it with the manifest last (rank 0)."""
+    cfg, out_dir, trainer = ctx.cfg, ctx.work_dir / "result", built.trainer
+    model: Any = trainer.model
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # Sharded weights: every rank takes part in gathering them; the Trainer writes on rank 0.
+        # (Not run here: FSDP needs GPUs; docs/trainer.md, "Multi-process and FSDP".)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(out_dir))
+        model = None
     if not ctx.is_main:
         return
-    cfg, out_dir = ctx.cfg, ctx.work_dir / "result"
-    results.write_local(out_dir, cfg, built.trainer.model, built.tokenizer, metrics)
+    results.write_local(out_dir, cfg, model, built.tokenizer, metrics)
     if cfg.output.merge_adapter:
         results.merge_adapter(built.source, out_dir, cfg, built.plan.precision)
     results.publish(ctx.store, out_dir, cfg.output.uri, ctx.fingerprint)
