@@ -96,18 +96,25 @@ def test_cpu_defaults_reach_trl_as_length_grouped_adamw(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("choice", "expected"),
-    [("length-grouped", batching.length_grouped_trainer_class()), ("padded", None), ("padding-free", None)],
+    ("choice", "packing", "expected"),
+    [
+        ("length-grouped", False, batching.length_grouped_trainer_class()),
+        ("padded", False, None),
+        ("padding-free", False, batching.padding_free_trainer_class()),
+        ("padding-free", True, None),  # TRL packs and truncates itself
+    ],
 )
-def test_the_trainer_class_follows_the_batching(choice: str, expected: type | None) -> None:
+def test_the_trainer_class_follows_the_batching(choice: str, packing: bool, expected: type | None) -> None:
     from trl.trainer.sft_trainer import SFTTrainer
 
     speed = throughput.ThroughputPlan("sdpa", choice, False, "adamw_torch", ())  # type: ignore[arg-type]
-    chosen = sft.trainer_class(speed)
-    assert chosen is (expected or SFTTrainer)
+    assert sft.trainer_class(speed, packing) is (expected or SFTTrainer)
 
 
-def test_max_grad_norm_reaches_trl(tmp_path: Path) -> None:
-    spec = TrainingSpec.model_validate({"maxGradNorm": 0.3})
-    assert sft.sft_config(spec, CPU_PLAN, tmp_path).max_grad_norm == 0.3
-    assert sft.sft_config(TrainingSpec(), CPU_PLAN, tmp_path).max_grad_norm == 1.0
+def test_flattened_rows_without_packing_give_trl_no_max_length(tmp_path: Path) -> None:
+    speed = throughput.ThroughputPlan("sdpa", "padding-free", False, "adamw_torch", ())
+    plan = sft.Plan(FP32, cuda=False, gradient_checkpointing=False, assistant_only_loss=False, speed=speed)
+    spec = TrainingSpec.model_validate({"maxSeqLength": 256})
+    assert sft.sft_config(spec, plan, tmp_path).max_length is None
+    packed = TrainingSpec.model_validate({"maxSeqLength": 256, "packing": True})
+    assert sft.sft_config(packed, plan, tmp_path).max_length == 256
