@@ -56,6 +56,7 @@ demo: setup ## the main job end to end: control plane, S3, node agent, operator,
 bench: setup tools ## the benchmarks (figures and how they were taken: docs/benchmarks.md)
 	$(VENV_PY) bench/bench_operator_scale.py --jobs 50 --nodes 4
 	$(VENV_PY) bench/bench_cpu_precision.py --steps 20
+	$(VENV_PY) bench/bench_batching.py --steps 20
 
 cluster-up: setup ## start etcd, kube-apiserver, kcm, S3 and the node agent on 127.0.0.1; writes $(STATE)/kubeconfig and $(STATE)/s3.env
 	$(VENV_PY) -m kubetune_localenv up --state $(STATE)
