@@ -5,7 +5,8 @@ Layout under ``output.uri`` (next to ``checkpoints/``)::
     adapter_model.safetensors, adapter_config.json   the LoRA adapter
     tokenizer files                                   tokenizer.json, tokenizer_config.json, ...
     trainer_config.json                               the resolved config
-    metrics.json                                      loss history, eval loss, tokens/s, runtime, data stats
+    metrics.json                                      loss histories, eval loss, tokens/s, runtime, data stats
+    loss.png                                          train (and eval) loss by step, when it could be drawn
     README.md                                         model card
     merged/                                           the merged model, when output.mergeAdapter
     manifest.json                                     every file above: size and sha256 -- LAST
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 from kubetune_api import wellknown
 from kubetune_api.trainer import TrainerConfig
 
+from . import lossplot
 from .hardware import PrecisionChoice
 from .storage import ObjectStore, join_uri
 
@@ -49,14 +52,108 @@ def build_manifest(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
     return {"version": wellknown.MANIFEST_VERSION, **extra, "files": files}
 
 
-def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
+def local_folder(cfg: TrainerConfig) -> str:
+    """The folder the card's snippet downloads the output into: the job's name, else the
+    output prefix's last segment (a path the user can paste as it is)."""
+    name = cfg.reporting.name or cfg.output.uri.rstrip("/").rsplit("/", 1)[-1] or "output"
+    return f"./{name}"
+
+
+#: Where the card's snippet downloads an ``s3://`` base model.
+BASE_FOLDER = "./base-model"
+
+
+def download_commands(cfg: TrainerConfig) -> list[str]:
+    """Shell lines that fetch what the snippet loads: ``from_pretrained`` reads local folders and
+    hub ids, not ``s3://``. ``checkpoints/`` is left out (it is not the result)."""
+    dest = local_folder(cfg)
+    endpoint = f" --endpoint-url {shlex.quote(cfg.storage.endpoint)}" if cfg.storage.endpoint else ""
+    lines = []
+    if cfg.reporting.name:
+        namespace = f" -n {shlex.quote(cfg.reporting.namespace)}" if cfg.reporting.namespace else ""
+        lines += [
+            f"kubetune download {shlex.quote(cfg.reporting.name)} {shlex.quote(dest)}{namespace}"
+            "   # every file checked against manifest.json",
+            "# or with the AWS CLI:",
+        ]
+    lines.append(
+        f"aws s3 sync {shlex.quote(cfg.output.uri)} {shlex.quote(dest)} --exclude 'checkpoints/*'{endpoint}"
+    )
+    if cfg.model.is_s3:
+        lines += [
+            "# the base model is in object storage too:",
+            f"aws s3 sync {shlex.quote(cfg.model.source)} {BASE_FOLDER}{endpoint}",
+        ]
+    return lines
+
+
+def _load_args(cfg: TrainerConfig, folder: str, *, base: bool = False) -> str:
+    """``from_pretrained``'s arguments as Python source: the folder (or hub id), the base's
+    revision, ``trust_remote_code`` when the run needed it."""
+    args = [json.dumps(folder)]
+    if base and cfg.model.revision:
+        args.append(f"revision={json.dumps(cfg.model.revision)}")
+    if cfg.model.trust_remote_code:
+        args.append("trust_remote_code=True")
+    return ", ".join(args)
+
+
+def usage_snippets(cfg: TrainerConfig) -> list[tuple[str, list[str]]]:
+    """``(title, python lines)`` for each way to load the downloaded output."""
+    dest = local_folder(cfg)
+    base = BASE_FOLDER if cfg.model.is_s3 else cfg.model.source
+    adapter = [
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({_load_args(cfg, base, base=True)})",
+        f"model = PeftModel.from_pretrained(base, {json.dumps(dest)})",
+        f"tokenizer = AutoTokenizer.from_pretrained({_load_args(cfg, dest)})",
+    ]
+    found = [("The adapter on its base model", adapter)]
+    if cfg.output.merge_adapter:
+        merged = f"{dest}/{wellknown.MERGED_DIR}"
+        found.append(
+            (
+                "The merged model, on its own (no base model or peft needed)",
+                [
+                    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                    "",
+                    f"model = AutoModelForCausalLM.from_pretrained({_load_args(cfg, merged)})",
+                    f"tokenizer = AutoTokenizer.from_pretrained({_load_args(cfg, merged)})",
+                ],
+            )
+        )
+    return found
+
+
+def _usage_section(cfg: TrainerConfig) -> list[str]:
+    lines = [
+        "## Use",
+        "",
+        "Download this output first (`from_pretrained` cannot read `s3://`):",
+        "",
+        "```shell",
+        *download_commands(cfg),
+        "```",
+        "",
+    ]
+    for title, code in usage_snippets(cfg):
+        lines += [f"{title}:", "", "```python", *code, "```", ""]
+    return lines
+
+
+def model_card(cfg: TrainerConfig, metrics: dict[str, Any], plot: bool = False) -> str:
+    """The README.md a user reads first: what was trained, the loss curve (``plot``: loss.png was
+    written) and code that loads the output as published."""
     lora = cfg.lora
     final_loss = metrics.get("trainLoss")
     eval_loss = metrics.get("evalLoss")
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {cfg.model.source}",
+        # The hub's metadata names a hub model; an s3:// base is named in the text below.
+        *([] if cfg.model.is_s3 else [f"base_model: {cfg.model.source}"]),
         "tags: [kubetune, lora, sft, trl]",
         "---",
         "",
@@ -71,20 +168,11 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
         f"precision: {metrics.get('precision')}",
         f"- Final train loss: {final_loss}" + (f", eval loss: {eval_loss}" if eval_loss is not None else ""),
         "",
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'base = AutoModelForCausalLM.from_pretrained("{cfg.model.source}")',
-        'model = PeftModel.from_pretrained(base, "<this folder>")',
-        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
-        "```",
-        "",
-        "`manifest.json` lists every file with its size and sha256.",
-        "",
     ]
+    if plot:
+        lines += ["## Loss", "", f"![loss]({lossplot.LOSS_PLOT})", ""]
+    lines += _usage_section(cfg)
+    lines += ["`manifest.json` lists every file with its size and sha256.", ""]
     return "\n".join(lines)
 
 
@@ -92,21 +180,24 @@ def write_local(
     folder: Path, cfg: TrainerConfig, model: Any | None, tokenizer: Any, metrics: dict[str, Any]
 ) -> None:
     """Write the adapter (unless ``model`` is None: saved already, as under FSDP), tokenizer, config,
-    metrics and model card into ``folder``."""
+    metrics, loss plot (when it can be drawn) and model card into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     if model is not None:
         model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     (folder / wellknown.RESOLVED_CONFIG).write_text(cfg.to_resolved_json() + "\n")
     (folder / wellknown.METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    (folder / wellknown.MODEL_CARD).write_text(model_card(cfg, metrics))
+    plotted = lossplot.write(folder, metrics)
+    (folder / wellknown.MODEL_CARD).write_text(model_card(cfg, metrics, plot=plotted))
 
 
 def merge_adapter(base_source: str, folder: Path, cfg: TrainerConfig, precision: PrecisionChoice) -> None:
-    """Reload the base unquantized, merge the adapter saved in ``folder``, save to ``folder/merged``."""
+    """Reload the base unquantized, merge the adapter saved in ``folder``, save to ``folder/merged``
+    with the tokenizer (and chat template) saved next to the adapter, so ``merged/`` loads on its
+    own with AutoTokenizer and AutoModelForCausalLM."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(
         base_source,
@@ -115,7 +206,11 @@ def merge_adapter(base_source: str, folder: Path, cfg: TrainerConfig, precision:
         dtype=getattr(torch, precision.torch_dtype_name),
     )
     merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-    merged.save_pretrained(str(folder / wellknown.MERGED_DIR), safe_serialization=True)
+    merged_dir = folder / wellknown.MERGED_DIR
+    merged.save_pretrained(str(merged_dir), safe_serialization=True)
+    # The tokenizer as trained (pad token, kubetune's default chat template when the base had none).
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.save_pretrained(str(merged_dir))
     log.info("result: merged model saved (%s)", precision.torch_dtype_name)
 
 

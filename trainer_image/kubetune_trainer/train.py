@@ -26,6 +26,7 @@ from . import (
     dataset,
     errors,
     hardware,
+    lossplot,
     modeling,
     preflight,
     reporting,
@@ -263,6 +264,7 @@ def train(ctx: RunContext, built: Built) -> dict[str, Any]:
         "resumedFromStep": checkpoints.step_of(resume) if resume else None,
         "dataStats": built.stats.as_dict(),
         "lossHistory": [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e],
+        "evalLossHistory": lossplot.eval_loss_history(history),
         "totalRuntimeSeconds": round(time.monotonic() - ctx.started, 2),
     }
 
