@@ -23,10 +23,11 @@ class Phase(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    CANCELLED = "Cancelled"
 
 
 #: Phases a run never leaves.
-TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
 
 
 PHASE_MEANINGS: Final = {
@@ -36,6 +37,10 @@ PHASE_MEANINGS: Final = {
     Phase.SUSPENDED: "stopped by spec.suspend; checkpoints are kept",
     Phase.SUCCEEDED: "the result and its manifest are in object storage",
     Phase.FAILED: "the run ended without a result; reason says why",
+    Phase.CANCELLED: (
+        "stopped for good by spec.cancel; the FineTuneJob, its status and its checkpoints are kept,"
+        " the trainer Job is deleted; never resumed"
+    ),
 }
 
 
@@ -47,12 +52,21 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    CANCELLED = "Cancelled"
 
 
 #: Who sets a reason: kubetune itself, or a Kubernetes component whose reason kubetune passes on.
 Source = Literal["kubetune", "kubelet", "scheduler", "Job controller"]
 
-P, Q, R, S, OK, F = Phase.PENDING, Phase.QUEUED, Phase.RUNNING, Phase.SUSPENDED, Phase.SUCCEEDED, Phase.FAILED
+P, Q, R, S, OK, F, C = (
+    Phase.PENDING,
+    Phase.QUEUED,
+    Phase.RUNNING,
+    Phase.SUSPENDED,
+    Phase.SUCCEEDED,
+    Phase.FAILED,
+    Phase.CANCELLED,
+)
 
 
 class Reason(StrEnum):
@@ -258,6 +272,21 @@ class Reason(StrEnum):
     POD_FAILED = "PodFailed", "the trainer pod failed without an exit code", True, "kubetune", F
     FAILED = "Failed", "the Job failed and no pod is left to say why", True, "kubetune", F
     JOB_DELETED = "JobDeleted", "the trainer Job was deleted before it finished", True, "kubetune", F
+    # -- Cancelled -------------------------------------------------------------------------
+    CANCELLING = (
+        "Cancelling",
+        "spec.cancel is true; the trainer Job is being deleted, its pod stops (saving a checkpoint)",
+        False,
+        "kubetune",
+        C,
+    )
+    CANCELLED = (
+        "Cancelled",
+        "cancelled by spec.cancel: the trainer Job is gone, status and checkpoints are kept; never resumed",
+        False,
+        "kubetune",
+        C,
+    )
     # -- conditions only -------------------------------------------------------------------
     JOB_CREATED = "JobCreated", "Created=True: the trainer Job exists", False, "kubetune"
     NOT_STARTED = (
@@ -271,9 +300,15 @@ class Reason(StrEnum):
     NOT_SUSPENDED = "NotSuspended", "Suspended=False: see the phase", False, "kubetune"
     NOT_SUCCEEDED = "NotSucceeded", "Succeeded=False: see the phase", False, "kubetune"
     NOT_FAILED = "NotFailed", "Failed=False: see the phase", False, "kubetune"
+    NOT_CANCELLED = (
+        "NotCancelled",
+        "Cancelled=False: see the phase (also when spec.cancel came after the run had ended)",
+        False,
+        "kubetune",
+    )
 
 
-del P, Q, R, S, OK, F
+del P, Q, R, S, OK, F, C
 
 #: The trainer's exit codes, as failure reasons.
 EXIT_CODE_REASONS: Final = {

@@ -21,6 +21,7 @@ from .base import (
     ApiModel,
     FieldRule,
     Rule,
+    cel,
     cel_string,
     immutable,
     immutable_optional,
@@ -879,8 +880,15 @@ FSDP_ACTIVATION_CHECKPOINTING_ALONE = Rule(
 )
 
 
+#: The message of the transition rule that keeps spec.cancel true once set.
+CANCEL_IS_FINAL = (
+    "cancel cannot be set back to false: a cancelled FineTuneJob never runs again;"
+    " create a new FineTuneJob to train again"
+)
+
+
 class FineTuneJobSpec(ApiModel):
-    """The desired fine-tuning run. The training definition (everything except suspend and
+    """The desired fine-tuning run. The training definition (everything except suspend, cancel and
     lifecycle) is immutable once created: to change it, create a new FineTuneJob."""
 
     cel_rules = (
@@ -937,5 +945,10 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = False
     """true stops the trainer pod (checkpoints in object storage are kept; phase Suspended); false
     runs or resumes it. Editable at any time."""
+    cancel: bool = Field(default=False, json_schema_extra=cel("self || !oldSelf", CANCEL_IS_FINAL))
+    """true stops the run for good: the trainer pod gets SIGTERM (it saves a checkpoint), the
+    trainer Job is deleted, the FineTuneJob, its status and its checkpoints are kept (phase
+    Cancelled). Cannot be set back to false, and spec.suspend no longer does anything. A run that
+    already Succeeded or Failed keeps that outcome."""
     lifecycle: LifecycleSpec = LifecycleSpec()
     """Limits of the run. Editable at any time; applied to the Job."""

@@ -73,7 +73,7 @@ class FineTuneJobStatus(ApiModel):
 
     phase: Phase | None = None
     """Pending (created, pod not yet running), Queued (waiting for Kueue admission), Running,
-    Suspended, Succeeded or Failed."""
+    Suspended, Succeeded, Failed or Cancelled (stopped for good by spec.cancel)."""
     reason: str | None = Field(default=None, max_length=256)
     """Machine-readable reason for the phase, e.g. ImagePullBackOff, OOMKilled, DeadlineExceeded,
     InvalidDataset, BackoffLimitExceeded."""
@@ -86,7 +86,7 @@ class FineTuneJobStatus(ApiModel):
     start_time: datetime.datetime | None = None
     """When the trainer first started."""
     completion_time: datetime.datetime | None = None
-    """When the run succeeded or failed."""
+    """When the run succeeded, failed or was cancelled."""
     attempts: int | None = Field(default=None, json_schema_extra={"format": "int32"})
     """Trainer pods started so far (retries included)."""
     exit_code: int | None = Field(default=None, json_schema_extra={"format": "int32"})
@@ -101,8 +101,8 @@ class FineTuneJobStatus(ApiModel):
         default=None,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Latest observations: Created, Running, Suspended, Succeeded and Failed, each True or False
-    with a reason."""
+    """Latest observations: Created, Running, Suspended, Succeeded, Failed and Cancelled, each True
+    or False with a reason."""
 
 
 def _wire_name(field: str) -> str:

@@ -143,7 +143,7 @@ def finetunejob_resume(namespace: str | None, name: str | None, memo: kopf.Memo,
 
 @kopf.on.update(*FTJ, field="spec")
 def finetunejob_update(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """suspend or lifecycle edited (the rest of the spec is immutable): align the Job."""
+    """suspend, cancel or lifecycle edited (the rest of the spec is immutable): align or cancel the Job."""
     _reconcile(memo, "update", namespace, name, may_retry=True)
 
 

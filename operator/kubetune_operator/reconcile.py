@@ -207,6 +207,35 @@ class Reconciler:
         if job is not None and _holds_outcome(job):
             self.hold_outcome(job, False)
 
+    def cancel_job(self, job: Obj | None) -> Obj | None:
+        """spec.cancel: delete the trainer Job with foreground propagation; the Job (being deleted),
+        or None once gone.
+
+        Foreground: the garbage collector deletes the pods first, each with its grace period (the
+        trainer gets SIGTERM and saves a checkpoint, as on suspend), and the Job controller starts no
+        new pod for a Job being deleted; the Job itself (and Kueue's Workload, which it owns) goes
+        once they are gone, so no pod is orphaned and the status can say Cancelling until then. The
+        uid precondition keeps a same-named Job of someone else safe.
+        """
+        if job is None:
+            return None
+        meta = job["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        if not meta.get("deletionTimestamp"):
+            body = {
+                "apiVersion": "v1",
+                "kind": "DeleteOptions",
+                "propagationPolicy": "Foreground",
+                "preconditions": {"uid": uid},
+            }
+            try:
+                self.kube.request("DELETE", JOBS.path(namespace, name), body)
+            except KubeError as err:
+                if err.status not in (404, 409):  # gone already; another Job of that name
+                    raise
+        fresh = self.kube.get(JOBS, namespace, name)
+        return fresh if fresh is not None and fresh["metadata"]["uid"] == uid else None
+
     def bring_children(
         self, ftj: Mapping[str, Any], job: Obj | None, *, ensure_all: bool
     ) -> tuple[Obj | None, tuple[str, ...], tuple[str, ...], status.Hold | None]:
@@ -254,7 +283,13 @@ class Reconciler:
                 if _holds_outcome(job):  # its owner is gone: let the garbage collector finish
                     self.hold_outcome(job, False)
                 job = None  # a same-named Job of a deleted FineTuneJob, still being collected
-            job, created, blocked, hold = self.bring_children(ftj, job, ensure_all=ensure_all)
+            created: tuple[str, ...] = ()
+            blocked: tuple[str, ...] = ()
+            hold: status.Hold | None = None
+            if status.verdict(ftj, job, []).phase == Phase.CANCELLED:
+                job = self.cancel_job(job)  # and create nothing, ever again
+            else:
+                job, created, blocked, hold = self.bring_children(ftj, job, ensure_all=ensure_all)
             if hold is not None:
                 log.warning("%s/%s: %s: %s", namespace, name, hold.reason, hold.message)
             pods: list[Obj] = []

@@ -221,6 +221,49 @@ def _active_job_verdict(job: Body, pods: Sequence[Body]) -> Verdict:
     return pending
 
 
+def cancel_requested(ftj: Body) -> bool:
+    """Whether ``spec.cancel`` is set (it cannot be unset: the CRD refuses true -> false)."""
+    return bool(ftj.get("spec", {}).get("cancel"))
+
+
+#: What every Cancelled message ends with: what is kept, and that nothing brings the run back.
+CANCELLED_IS_FINAL: Final = (
+    "the FineTuneJob, its status and the checkpoints under its output.uri are kept; a cancelled"
+    " FineTuneJob never runs again (spec.suspend has no effect): create a new FineTuneJob to train again"
+)
+
+
+def _cancelled_verdict(ftj: Body, job: Body | None, pods: Sequence[Body]) -> Verdict | None:
+    """``spec.cancel``: phase Cancelled, unless the run had already ended (None: its outcome stands).
+
+    Ended means a recorded Succeeded/Failed, or a Job the Job controller had already marked
+    Complete or Failed before the operator acted on the cancel (the run won the race). Once
+    Cancelled is recorded it stays, even if the stopping trainer exits 0 on its way out.
+    """
+    if not cancel_requested(ftj):
+        return None
+    recorded = (ftj.get("status") or {}).get("phase")
+    if recorded in (Phase.SUCCEEDED, Phase.FAILED):
+        return None
+    ended = job is not None and _job_condition(
+        job, "Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"
+    )
+    if recorded != Phase.CANCELLED and ended:
+        return None
+    deleting = job is not None and bool(job.get("metadata", {}).get("deletionTimestamp"))
+    if job is not None and (not deleting or pods):
+        message = (
+            "spec.cancel: deleting the trainer Job; its pod gets SIGTERM and saves a checkpoint first; "
+            + CANCELLED_IS_FINAL
+        )
+        return Verdict(Phase.CANCELLED, Reason.CANCELLING, message)
+    return Verdict(
+        Phase.CANCELLED,
+        Reason.CANCELLED,
+        "cancelled by spec.cancel: the trainer Job is deleted; " + CANCELLED_IS_FINAL,
+    )
+
+
 def verdict(
     ftj: Body,
     job: Body | None,
@@ -234,6 +277,9 @@ def verdict(
     ``hold`` says why the children could not be created (the job waits, and is retried).
     """
     previous = ftj.get("status") or {}
+    cancelled = _cancelled_verdict(ftj, job, pods)
+    if cancelled is not None:
+        return cancelled
     if job is None:
         if hold is not None and previous.get("phase") not in TERMINAL_PHASES:
             return Verdict(Phase.PENDING, hold.reason, hold.message)
@@ -296,6 +342,7 @@ _TRUE_IN: Final = {
     ConditionType.SUSPENDED: (Phase.SUSPENDED, Phase.QUEUED),
     ConditionType.SUCCEEDED: (Phase.SUCCEEDED,),
     ConditionType.FAILED: (Phase.FAILED,),
+    ConditionType.CANCELLED: (Phase.CANCELLED,),
 }
 #: Why Running is False, by phase (the other conditions' False reasons are ``Not<Type>``).
 _NOT_RUNNING: Final = {
@@ -304,27 +351,42 @@ _NOT_RUNNING: Final = {
     Phase.SUSPENDED: Reason.SUSPENDED,
     Phase.SUCCEEDED: Reason.FINISHED,
     Phase.FAILED: Reason.FINISHED,
+    Phase.CANCELLED: Reason.FINISHED,
 }
 _NOT: Final = {
     ConditionType.SUSPENDED: Reason.NOT_SUSPENDED,
     ConditionType.SUCCEEDED: Reason.NOT_SUCCEEDED,
     ConditionType.FAILED: Reason.NOT_FAILED,
+    ConditionType.CANCELLED: Reason.NOT_CANCELLED,
 }
 
 
-def _wanted_conditions(verdict_: Verdict, created: bool) -> dict[ConditionType, tuple[bool, str, str]]:
-    """(status, reason, message) of each condition for a verdict."""
+def _false_message(kind: ConditionType, verdict_: Verdict, cancel: bool) -> str:
+    """Why a False condition is False: the phase, and what spec.suspend or spec.cancel did not do."""
+    if kind == ConditionType.SUSPENDED and verdict_.phase == Phase.CANCELLED:
+        return "phase is Cancelled: a cancelled FineTuneJob is never resumed; spec.suspend has no effect"
+    if kind == ConditionType.CANCELLED and cancel:
+        return f"spec.cancel came after the run had ended: phase {verdict_.phase} is kept"
+    return f"phase is {verdict_.phase}"
+
+
+def _wanted_conditions(
+    verdict_: Verdict, created: bool, cancel: bool = False
+) -> dict[ConditionType, tuple[bool, str, str]]:
+    """(status, reason, message) of each condition for a verdict (``cancel``: spec.cancel is set)."""
     if created:
         wanted = {ConditionType.CREATED: (True, str(Reason.JOB_CREATED), "the trainer Job exists")}
     else:
         reason = verdict_.reason or Reason.CREATING
-        wanted = {ConditionType.CREATED: (False, reason, "the trainer Job does not exist yet")}
+        never = "cancelled before the trainer Job was created"
+        why = never if verdict_.phase == Phase.CANCELLED else "the trainer Job does not exist yet"
+        wanted = {ConditionType.CREATED: (False, reason, why)}
     for kind, phases in _TRUE_IN.items():
         if verdict_.phase in phases:
             wanted[kind] = (True, verdict_.reason, verdict_.message)
         else:
             false_reason = _NOT_RUNNING[verdict_.phase] if kind == ConditionType.RUNNING else _NOT[kind]
-            wanted[kind] = (False, str(false_reason), f"phase is {verdict_.phase}")
+            wanted[kind] = (False, str(false_reason), _false_message(kind, verdict_, cancel))
     return wanted
 
 
@@ -334,10 +396,12 @@ def conditions(
     created: bool,
     generation: int,
     now: datetime.datetime,
+    *,
+    cancel: bool = False,
 ) -> list[Obj]:
     """metav1.Conditions for the verdict; lastTransitionTime moves only when a status flips."""
     old = {c.get("type"): c for c in previous}
-    wanted = _wanted_conditions(verdict_, created)
+    wanted = _wanted_conditions(verdict_, created, cancel)
     result: list[Obj] = []
     for kind in ConditionType:
         is_true, reason, message = wanted[kind]
@@ -368,7 +432,10 @@ def _recorded_fields(
     if job is None and previous.get("phase") in TERMINAL_PHASES:
         # The Job's TTL removed it: keep what was recorded when it ended.
         kept = ("startTime", "completionTime", "attempts", "exitCode")
-        return {key: previous[key] for key in kept if key in previous}
+        recorded = {key: previous[key] for key in kept if key in previous}
+        if result.phase == Phase.CANCELLED:
+            recorded.setdefault("completionTime", rfc3339(now))
+        return recorded
     out: Obj = {}
     job_status = (job or {}).get("status", {})
     out["startTime"] = previous.get("startTime") or job_status.get("startTime")
@@ -376,6 +443,8 @@ def _recorded_fields(
         out["attempts"] = max(int(previous.get("attempts") or 0), _attempts(job)) or None
     if result.phase == Phase.SUCCEEDED:
         out["completionTime"] = job_status.get("completionTime") or rfc3339(now)
+    elif result.phase == Phase.CANCELLED:  # when the operator first acted on spec.cancel
+        out["completionTime"] = previous.get("completionTime") or rfc3339(now)
     elif result.phase == Phase.FAILED:
         cond = _job_condition(job or {}, "Failed", "FailureTarget") or {}
         out["completionTime"] = (
@@ -405,7 +474,8 @@ def compute(
     previous: Mapping[str, Any] = ftj.get("status") or {}
     result = verdict(ftj, job, pods, blocked, hold)
     generation = int(meta.get("generation") or 0)
-    ended_without_job = job is None and previous.get("phase") in TERMINAL_PHASES
+    # A run that ended (its Job then removed by its TTL) had its Job; a cancelled one maybe never did.
+    ended_without_job = job is None and previous.get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
     created = job is not None or ended_without_job or _condition_true(previous, ConditionType.CREATED)
     status: Obj = {
         "phase": str(result.phase),
@@ -415,7 +485,9 @@ def compute(
         "jobName": names.job_name(meta.get("name", "")),
         "outputURI": spec.get("output", {}).get("uri"),
         "progressSummary": progress_summary(previous.get("progress")),
-        "conditions": conditions(previous.get("conditions") or [], result, created, generation, now),
+        "conditions": conditions(
+            previous.get("conditions") or [], result, created, generation, now, cancel=cancel_requested(ftj)
+        ),
         **_recorded_fields(job, pods, previous, result, now),
     }
     return {key: value for key, value in status.items() if value is not None}

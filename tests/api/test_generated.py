@@ -91,7 +91,7 @@ def test_every_cel_rule_has_a_message_and_every_section_is_immutable(schema: Obj
     assert len(rules) >= 20
     assert all(rule.get("message") for _, rule in rules)
     spec = schema["properties"]["spec"]["properties"]
-    editable = {"suspend", "lifecycle", "image", "imagePullPolicy", "imagePullSecrets"}
+    editable = {"suspend", "cancel", "lifecycle", "image", "imagePullPolicy", "imagePullSecrets"}
     for key, section in spec.items():
         immutable = {
             "rule": "self == oldSelf",

@@ -20,7 +20,7 @@ def test_every_phase_has_reasons_and_a_meaning() -> None:
     for phase in Phase:
         assert PHASE_MEANINGS[phase]
         assert any(phase in reason.phases for reason in Reason), phase
-    assert {Phase.SUCCEEDED, Phase.FAILED} == TERMINAL_PHASES
+    assert {Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED} == TERMINAL_PHASES
 
 
 def test_every_failure_is_a_warning_and_nothing_else_is_by_default() -> None:

@@ -361,3 +361,90 @@ def test_a_spec_that_does_not_parse_waits_with_the_field_named(make_ftj: Any) ->
     result = status.compute(ftj, None, [], NOW, hold=status.Hold(Reason.INVALID_SPEC, str(caught.value)))
     assert (result["phase"], result["reason"]) == ("Pending", "InvalidSpec")
     assert "training.stepsPerMoon" in result["message"]
+
+
+def _conditions(result: Obj) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in result["conditions"]}
+
+
+def test_cancel_of_a_running_job_is_cancelling_then_cancelled_and_stays(make_ftj: Any) -> None:
+    ftj = make_ftj()
+    pod = _pod("Running", running={})
+    running = _with_status(ftj, status.compute(ftj, _job(ftj, active=1), [pod], NOW))
+    cancelled = {**running, "spec": {**running["spec"], "cancel": True}}
+
+    # The operator has asked for the deletion; the pod is still stopping (saving its checkpoint).
+    deleting = _job(cancelled, active=1)
+    deleting["metadata"]["deletionTimestamp"] = "2025-06-01T12:00:00Z"
+    stopping = status.compute(cancelled, deleting, [pod], NOW)
+    assert (stopping["phase"], stopping["reason"]) == ("Cancelled", "Cancelling")
+    assert stopping["completionTime"] == "2025-06-01T12:00:00Z"
+    conditions = _conditions(stopping)
+    assert conditions["Cancelled"][:2] == ("True", "Cancelling")
+    assert conditions["Running"][:2] == ("False", "Finished")
+    assert conditions["Created"][0] == "True"
+
+    # The pod is gone, then the Job: Cancelled, with nothing but the reason changing afterwards.
+    stopped = _with_status(cancelled, stopping)
+    assert status.compute(stopped, deleting, [], LATER)["reason"] == "Cancelled"
+    gone = _with_status(stopped, status.compute(stopped, None, [], LATER))
+    assert (gone["status"]["phase"], gone["status"]["reason"]) == ("Cancelled", "Cancelled")
+    assert gone["status"]["completionTime"] == "2025-06-01T12:00:00Z"  # when the cancel took effect
+    assert "create a new FineTuneJob" in gone["status"]["message"]
+    assert status.patch(gone["status"], status.compute(gone, None, [], LATER)) is None  # settled
+
+    # spec.suspend false (or true) afterwards changes nothing, and the Suspended condition says so.
+    toggled = {**gone, "spec": {**gone["spec"], "suspend": False}}
+    again = status.compute(toggled, None, [], LATER)
+    assert (again["phase"], again["reason"]) == ("Cancelled", "Cancelled")
+    suspended = _conditions(again)["Suspended"]
+    assert suspended[:2] == ("False", "NotSuspended")
+    assert "spec.suspend has no effect" in suspended[2]
+
+
+def test_cancel_wins_over_a_job_deleted_and_a_late_success(make_ftj: Any) -> None:
+    """Without spec.cancel a vanished Job is JobDeleted; with it, it is the cancel. A trainer that
+    exits 0 while stopping does not turn a recorded Cancelled into Succeeded."""
+    ftj = make_ftj(cancel=True)
+    pod = _pod("Running", running={})
+    cancelling = _with_status(ftj, status.compute(ftj, _job(ftj, active=1), [pod], NOW))
+    assert cancelling["status"]["phase"] == "Cancelled"
+    late = _job(cancelling, succeeded=1, conditions=[_cond("Complete")])
+    late["metadata"]["deletionTimestamp"] = "2025-06-01T12:00:00Z"
+    assert status.compute(cancelling, late, [], LATER)["phase"] == "Cancelled"
+    assert status.compute(cancelling, None, [], LATER)["reason"] == "Cancelled"
+
+
+@pytest.mark.parametrize(
+    ("job_status", "phase"),
+    [
+        ({"succeeded": 1, "conditions": [_cond("Complete")]}, "Succeeded"),
+        ({"failed": 1, "conditions": [_cond("Failed", "BackoffLimitExceeded")]}, "Failed"),
+    ],
+)
+def test_cancel_after_the_run_ended_keeps_its_outcome(make_ftj: Any, job_status: Obj, phase: str) -> None:
+    ftj = make_ftj()
+    ended = _with_status(ftj, status.compute(ftj, _job(ftj, **job_status), [], NOW))
+    assert ended["status"]["phase"] == phase
+    cancelled = {**ended, "spec": {**ended["spec"], "cancel": True}}
+    for job in (_job(cancelled, **job_status), None):  # the Job still there, or gone by its TTL
+        result = status.compute(cancelled, job, [], LATER)
+        assert result["phase"] == phase
+        assert _conditions(result)["Cancelled"] == (
+            "False",
+            "NotCancelled",
+            f"spec.cancel came after the run had ended: phase {phase} is kept",
+        )
+        assert status.verdict(cancelled, job, []).phase == phase  # so the operator deletes nothing
+    # Ended but not yet recorded (the Job finished before the operator saw the cancel): the outcome too.
+    racing = {**ftj, "spec": {**ftj["spec"], "cancel": True}}
+    assert status.compute(racing, _job(racing, **job_status), [], LATER)["phase"] == phase
+
+
+def test_cancelled_before_any_job_was_created(make_ftj: Any) -> None:
+    ftj = make_ftj(cancel=True)
+    first = _with_status(ftj, status.compute(ftj, None, [], NOW))
+    assert (first["status"]["phase"], first["status"]["reason"]) == ("Cancelled", "Cancelled")
+    created = _conditions(first["status"])["Created"]
+    assert created == ("False", "Cancelled", "cancelled before the trainer Job was created")
+    assert status.patch(first["status"], status.compute(first, None, [], LATER)) is None
