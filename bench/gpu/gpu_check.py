@@ -35,7 +35,6 @@ import dataclasses
 import gc
 import hashlib
 import importlib
-import inspect
 import json
 import math
 import os
@@ -470,12 +469,9 @@ def release(loaded: Loaded | None) -> None:
 
 
 def build_trainer(model: Any, *, tokenizer: Any, args: Any, train_ds: Any, speed: Any, cfg: Any) -> Any:
-    """``sft.build_trainer`` as ``train.build`` calls it (``max_row_length`` where it takes one)."""
+    """``sft.build_trainer`` as ``train.build`` calls it."""
     from kubetune_trainer import modeling, sft
 
-    extra: dict[str, Any] = {}
-    if "max_row_length" in inspect.signature(sft.build_trainer).parameters:
-        extra["max_row_length"] = cfg.training.max_seq_length
     return sft.build_trainer(
         model,
         tokenizer=tokenizer,
@@ -484,7 +480,7 @@ def build_trainer(model: Any, *, tokenizer: Any, args: Any, train_ds: Any, speed
         peft_config=modeling.lora_config(cfg),
         callbacks=[],
         speed=speed,
-        **extra,
+        max_row_length=cfg.training.max_seq_length,
     )
 
 
