@@ -2,7 +2,8 @@
 --
 -- Install it under the argocd-cm key
 --   resource.customizations.health.kubetune.dev_FineTuneJob
--- (see docs/install.md and examples/argocd/argocd-cm-health.yaml).
+-- (see docs/install.md and examples/argocd/argocd-cm.yaml, which also carries the resource actions
+-- of hack/argocd/actions/).
 --
 -- Argo CD runs this with the live object in `obj` and expects a table {status=..., message=...}.
 -- status.phase is the primary signal; status.conditions (metav1.Condition shape, types
@@ -12,6 +13,7 @@
 --   Failed, or condition Failed=True                                   -> Degraded
 --   not finished, but stuck on a reason that needs a human               -> Degraded
 --   Succeeded, or condition Succeeded=True                             -> Healthy
+--   Cancelled, or condition Cancelled=True                             -> Suspended ("Cancelled: ...")
 --   Suspended, or condition Suspended=True                             -> Suspended
 --   Pending / Queued / Running                                         -> Progressing
 --   any other phase                                                    -> Unknown
@@ -19,6 +21,12 @@
 --
 -- The message carries the failure reason (status.reason / the Failed condition), the output
 -- URI on success, or the training progress while running.
+--
+-- Cancelled (spec.cancel) is Suspended, its message starting "Cancelled:": stopped on purpose,
+-- nothing is broken (Degraded would alert for a deliberate act, and read like a failure), yet it
+-- will never produce its adapter (so not Healthy: a later sync wave must not proceed as if it
+-- had). Argo CD has no terminal-but-stopped status; Suspended is its word for "stopped on
+-- purpose", and the Actions menu offers no resume for it (hack/argocd/actions/discovery.lua).
 --
 -- A FineTuneJob that is Progressing keeps its Argo CD Application Progressing until the run
 -- ends, so a sync wave after it only starts once the adapter has been written.
@@ -109,6 +117,7 @@ local function health(o)
   local failed = condition(status, "Failed")
   local succeeded = condition(status, "Succeeded")
   local suspended = condition(status, "Suspended")
+  local cancelled = condition(status, "Cancelled")
 
   if phase == "Failed" or is_true(failed) then
     hs.status = "Degraded"
@@ -130,6 +139,16 @@ local function health(o)
     else
       hs.message = detail(succeeded) or "FineTuneJob succeeded"
     end
+    return hs
+  end
+
+  if phase == "Cancelled" or is_true(cancelled) then
+    hs.status = "Suspended"
+    local why = detail(cancelled)
+    if why == nil and status.message ~= nil and status.message ~= "" then
+      why = status.message
+    end
+    hs.message = "Cancelled: " .. (why or "cancelled by spec.cancel; it never runs again")
     return hs
   end
 

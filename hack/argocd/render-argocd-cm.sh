@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# Regenerate examples/argocd/argocd-cm-health.yaml from hack/argocd/finetunejob-health.lua
-# (the argocd-cm patch embeds the script verbatim; tests/chart/test_argocd_health.py checks it).
+# Regenerate examples/argocd/argocd-cm.yaml from hack/argocd/finetunejob-health.lua and the
+# resource actions in hack/argocd/actions/ (discovery.lua, <action>/action.lua): the argocd-cm
+# patch embeds each script verbatim; tests/chart/test_argocd_health.py and
+# tests/chart/test_argocd_actions.py check it.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
-out="$repo/examples/argocd/argocd-cm-health.yaml"
+here="$repo/hack/argocd"
+out="$repo/examples/argocd/argocd-cm.yaml"
+# The actions in the order the definitions list them.
+actions=(suspend resume cancel)
+indent() { sed "s/^/$(printf '%*s' "$1" '')/; s/^ *$//" "$2"; }
 {
   cat <<'HEADER'
-# Argo CD health check for FineTuneJob, as a patch of the argocd-cm ConfigMap.
-# The script is hack/argocd/finetunejob-health.lua verbatim (tests/chart/test_argocd_health.py
-# fails if the two differ; regenerate with hack/argocd/render-argocd-cm.sh). Apply with:
-#   kubectl -n argocd patch configmap argocd-cm --type merge --patch-file examples/argocd/argocd-cm-health.yaml
-# (or put the key into your Argo CD Helm values under configs.cm).
+# Argo CD health check and resource actions (suspend, resume, cancel) for FineTuneJob, as a patch
+# of the argocd-cm ConfigMap. The scripts are hack/argocd/finetunejob-health.lua and
+# hack/argocd/actions/ verbatim (tests/chart/test_argocd_health.py and test_argocd_actions.py fail
+# if they differ; regenerate with hack/argocd/render-argocd-cm.sh). Apply with:
+#   kubectl -n argocd patch configmap argocd-cm --type merge --patch-file examples/argocd/argocd-cm.yaml
+# (or put both keys into your Argo CD Helm values under configs.cm).
 data:
   resource.customizations.health.kubetune.dev_FineTuneJob: |
 HEADER
-  sed 's/^/    /; s/^ *$//' "$repo/hack/argocd/finetunejob-health.lua"
+  indent 4 "$here/finetunejob-health.lua"
+  echo "  resource.customizations.actions.kubetune.dev_FineTuneJob: |"
+  echo "    discovery.lua: |"
+  indent 6 "$here/actions/discovery.lua"
+  echo "    definitions:"
+  for action in "${actions[@]}"; do
+    echo "    - name: $action"
+    echo "      action.lua: |"
+    indent 8 "$here/actions/$action/action.lua"
+  done
 } > "$out"
 echo "wrote ${out#"$repo"/}"

@@ -19,7 +19,7 @@ from kubetune_api.reasons import TERMINAL_PHASES, Phase, Reason
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "hack" / "argocd" / "finetunejob-health.lua"
-CM_PATCH = REPO_ROOT / "examples" / "argocd" / "argocd-cm-health.yaml"
+CM_PATCH = REPO_ROOT / "examples" / "argocd" / "argocd-cm.yaml"
 HEALTH_KEY = "resource.customizations.health.kubetune.dev_FineTuneJob"
 
 
@@ -192,6 +192,46 @@ SAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
         "Progressing",
         "Running",
     ),
+    (
+        "cancelled",
+        ftj(
+            {
+                "phase": "Cancelled",
+                "observedGeneration": 1,
+                "reason": "Cancelled",
+                "conditions": [
+                    cond("Cancelled", "True", "Cancelled", "cancelled by spec.cancel"),
+                    cond("Suspended", "False", "NotSuspended"),
+                    cond("Failed", "False", "NotFailed"),
+                ],
+            }
+        ),
+        "Suspended",
+        "Cancelled: Cancelled: cancelled by spec.cancel",
+    ),
+    (
+        "cancelling, status reason only",
+        ftj({"phase": "Cancelled", "observedGeneration": 1, "reason": "Cancelling", "message": "stopping"}),
+        "Suspended",
+        "Cancelled: stopping",
+    ),
+    (
+        "cancel after success keeps Healthy",
+        ftj(
+            {
+                "phase": "Succeeded",
+                "observedGeneration": 2,
+                "outputURI": "s3://adapters/demo",
+                "conditions": [
+                    cond("Succeeded", "True", "Completed"),
+                    cond("Cancelled", "False", "NotCancelled"),
+                ],
+            },
+            generation=2,
+        ),
+        "Healthy",
+        "Adapter written to",
+    ),
     ("unknown phase", ftj({"phase": "Exploding", "observedGeneration": 1}), "Unknown", "Exploding"),
 ]
 
@@ -211,6 +251,7 @@ def test_health_of_sample(sample: str, obj: dict[str, Any], want_status: str, wa
         (True, {"scheduling": {"queueName": "gpu-queue"}}, ("Progressing", "Queued")),
         (True, {"suspend": True}, ("Suspended", "")),
         (False, {}, ("Progressing", "Pending")),
+        (False, {"cancel": True}, ("Suspended", "Cancelled: Cancelling: spec.cancel")),
     ],
 )
 def test_health_of_status_the_operator_computes(
@@ -253,6 +294,7 @@ PHASE_HEALTH = {
     Phase.SUSPENDED: "Suspended",
     Phase.SUCCEEDED: "Healthy",
     Phase.FAILED: "Degraded",
+    Phase.CANCELLED: "Suspended",
 }
 
 
@@ -289,7 +331,7 @@ def test_every_reason_maps_to_a_known_health(reason: Reason, phase: Phase) -> No
 
 
 def test_argocd_cm_patch_embeds_the_script() -> None:
-    """examples/argocd/argocd-cm-health.yaml carries the script verbatim (hack/argocd/render-argocd-cm.sh)."""
+    """examples/argocd/argocd-cm.yaml carries the script verbatim (hack/argocd/render-argocd-cm.sh)."""
     patch = yaml.safe_load(CM_PATCH.read_text())
     embedded = patch["data"][HEALTH_KEY]
     assert embedded.strip() == SCRIPT.read_text().strip()

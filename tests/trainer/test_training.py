@@ -21,6 +21,7 @@ from kubetune_trainer.hardware import cpu_has_native_bf16
 from kubetune_trainer.reporting import JobRef
 
 from .conftest import RECORDS, TrainerRun, to_jsonl, upload_folder
+from .test_results import follow_card
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -34,6 +35,7 @@ RESULT_FILES = (
     "trainer_config.json",
     "metrics.json",
     "README.md",
+    "loss.png",
 )
 
 
@@ -93,17 +95,37 @@ def _assert_progress_reported(kube_api: Any, job: JobRef, bucket: str) -> None:
     assert progress["updateTime"].endswith("Z")
 
 
-def _assert_merged_model_loads(s3_client: Any, bucket: str, listed: dict[str, Any], tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
+def _assert_card_loads_the_output(card: str, s3_client: Any, tmp_path: Path, model_dir: Path) -> None:
+    """Do what the model card says (download, then its Python blocks): the adapter loads on the
+    downloaded base, and ``merged/`` alone loads with its tokenizer and computes the same."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged = tmp_path / "merged"
-    names = [p for p in listed if p.startswith("merged/")]
-    assert "merged/config.json" in names
-    for name in names:
-        (merged / name).parent.mkdir(parents=True, exist_ok=True)
-        (merged / name).write_bytes(_get(s3_client, bucket, f"out/job-1/{name}"))
-    model = AutoModelForCausalLM.from_pretrained(merged / "merged")
-    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert "![loss](loss.png)" in card
+    user = tmp_path / "user"
+    user.mkdir()
+    adapter, merged = follow_card(card, s3_client, user)
+    assert isinstance(adapter["model"], PeftModel)
+    assert not any("lora" in n for n, _ in merged["model"].named_parameters())
+    assert not (user / "job-1" / "checkpoints").exists()  # the card's sync leaves them out
+
+    # merged/ has the tokenizer as trained, chat template (kubetune's default here) included.
+    trained = AutoTokenizer.from_pretrained(user / "job-1")
+    tokenizer = merged["tokenizer"]
+    assert tokenizer.get_vocab() == trained.get_vocab()
+    assert tokenizer.chat_template == trained.chat_template
+    assert tokenizer.pad_token == trained.pad_token
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "red"}], tokenize=False)
+    input_ids = tokenizer(text, return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        before = base(input_ids=input_ids).logits
+        with_adapter = adapter["model"].float()(input_ids=input_ids).logits
+        from_merged = merged["model"].float()(input_ids=input_ids).logits
+    changed = (with_adapter - before).abs().max()
+    # The merge (saved in the run's precision, bf16 on this CPU) computes what base + adapter does.
+    assert (from_merged - with_adapter).abs().max() < 0.1 * changed, (changed, from_merged - with_adapter)
 
 
 def _assert_adapter_changes_output(s3_client: Any, bucket: str, model_dir: Path, tmp_path: Path) -> None:
@@ -150,6 +172,8 @@ def test_format_trains_and_publishes(
     if fmt == "text":  # a job name with no FineTuneJob behind it: reporting fails, training must not
         run.env["KUBETUNE_JOB_NAME"] = "no-such-job"
         run.env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
+        # Nor may the plot: a folder in the way makes savefig fail (IsADirectoryError).
+        (tmp_path / "scratch" / "result" / "loss.png").mkdir(parents=True)
 
     code, log = run.run()
     assert code == 0, log
@@ -174,7 +198,8 @@ def test_format_trains_and_publishes(
     stored = [k.removeprefix("out/job-1/") for k in _keys(s3_client, bucket, "out/job-1/")]
     results = sorted(k for k in stored if not k.startswith("checkpoints/") and k != "manifest.json")
     assert sorted(listed) == results
-    assert set(RESULT_FILES) <= set(listed)
+    expected_files = set(RESULT_FILES) - ({"loss.png"} if fmt == "text" else set())
+    assert expected_files <= set(listed)
     for path, entry in listed.items():
         data = _get(s3_client, bucket, f"out/job-1/{path}")
         assert len(data) == entry["size"]
@@ -189,16 +214,29 @@ def test_format_trains_and_publishes(
     assert summary["phase"] == "Succeeded"
     assert summary["globalStep"] == 12
 
+    card = _get(s3_client, bucket, "out/job-1/README.md").decode()
     if fmt == "text":
         assert log.count("could not patch the FineTuneJob status") == 1
+        assert "result: could not draw loss.png (IsADirectoryError" in log
+        assert "loss.png" not in listed
+        assert "![loss]" not in card
+    else:
+        assert _get(s3_client, bucket, "out/job-1/loss.png").startswith(b"\x89PNG\r\n\x1a\n")
+        assert "![loss](loss.png)" in card
     if job is not None:
         _assert_progress_reported(request.getfixturevalue("kube_api"), job, bucket)
     if fmt == "alpaca":
         assert isinstance(metrics["evalLoss"], float)
         assert log.count("'eval_loss'") == 3  # evalSteps 6 over 12 steps, then the final evaluation
+        # One point per step: the final evaluation repeats step 12's.
+        assert [e["step"] for e in metrics["evalLossHistory"]] == [6, 12]
+        assert metrics["evalLossHistory"][-1]["loss"] == metrics["evalLoss"]
+    else:
+        assert metrics["evalLossHistory"] == []
         assert metrics["dataStats"]["records"] == 32  # 24 train + 8 held out, all measured
     if fmt == "prompt_completion":
-        _assert_merged_model_loads(s3_client, bucket, listed, tmp_path)
+        assert {"merged/config.json", "merged/tokenizer.json", "merged/tokenizer_config.json"} <= set(listed)
+        _assert_card_loads_the_output(card, s3_client, tmp_path, tiny_model_dir)
     _assert_adapter_changes_output(s3_client, bucket, tiny_model_dir, tmp_path)
 
 
