@@ -90,6 +90,7 @@ def assert_operator_rights(kubectl: Kubectl, sa: str, ns: str) -> None:
         ("patch", FTJ, "--subresource=status"),
         ("create", "jobs.batch"),
         ("patch", "jobs.batch"),
+        ("delete", "jobs.batch"),  # spec.cancel
         ("watch", "pods"),
         ("create", "configmaps"),
         ("create", "serviceaccounts"),
@@ -115,7 +116,6 @@ def assert_operator_rights(kubectl: Kubectl, sa: str, ns: str) -> None:
         ("escalate", "roles.rbac.authorization.k8s.io"),
         ("bind", "roles.rbac.authorization.k8s.io"),
         ("impersonate", "serviceaccounts"),
-        ("delete", "jobs.batch"),
         ("delete", "configmaps"),
         ("patch", "configmaps"),
         ("list", "configmaps"),

@@ -18,7 +18,7 @@ NAMESPACED_VERBS = {
     ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("kubetune.dev", "finetunejobs/status"): {"get", "patch"},
     ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "create"},
     ("", "serviceaccounts"): {"get", "create"},

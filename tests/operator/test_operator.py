@@ -405,3 +405,102 @@ def test_a_quota_refusal_waits_and_the_job_starts_once_it_is_lifted(operator: An
         "the Created condition", lambda: _conditions(harness.status("quota")).get("Created") == "True"
     )
     assert harness.status("quota")["reason"] != "CreateRefused"
+
+
+def _jobs_of(harness: Any, name: str) -> list[Obj]:
+    found: list[Obj] = harness.kube.list(JOBS, harness.namespace, f"kubetune.dev/finetunejob={name}")
+    return found
+
+
+def test_cancel_mid_run_deletes_the_job_and_keeps_the_finetunejob(operator: Any, harness: Any) -> None:
+    """spec.cancel on a running job: the Job and its pod go (foreground: the pod first), the
+    FineTuneJob and its status stay, phase Cancelled; nothing brings it back, and the API server
+    refuses to un-cancel it. With a TTL, the Job carries the outcome finalizer: it must not block."""
+    from kubetune_operator.kube import KubeError
+
+    harness.create("stop", lifecycle={"ttlSecondsAfterFinished": 600})
+    pod = harness.kubelet.wait_pod("stop")
+    harness.kubelet.run(pod)
+    harness.wait_phase("stop", "Running")
+    job = harness.get(JOBS, "stop-trainer")
+    assert "kubetune.dev/outcome" in job["metadata"]["finalizers"]
+    progress = {"step": 40, "totalSteps": 100, "lastCheckpoint": "s3://results/run-1/checkpoints/step-40"}
+    harness.patch_ftj("stop", {"status": {"progress": progress}}, "status")
+
+    harness.patch_ftj("stop", {"spec": {"cancel": True}})
+    status = harness.wait_phase("stop", "Cancelled", "Cancelled", timeout=60)
+    assert harness.get(JOBS, "stop-trainer") is None
+    assert harness.kubelet.pods("stop") == []
+    assert status["progress"] == progress  # the trainer's report, and so its last checkpoint, kept
+    assert status["outputURI"] == "s3://results/run-1"
+    assert status["completionTime"]
+    assert status["startTime"]
+    assert "create a new FineTuneJob" in status["message"]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Cancelled"] == ("True", "Cancelled")
+    assert conditions["Running"] == ("False", "Finished")
+    assert harness.get(CONFIGMAPS, "stop-config") is not None  # the FineTuneJob's other children stay
+    harness.wait_for(
+        "a Normal Cancelled event",
+        lambda: any(e["reason"] == "Cancelled" and e["type"] == "Normal" for e in harness.events("stop")),
+    )
+
+    # spec.suspend: true then false (a resume) does nothing; the operator has seen both edits.
+    harness.patch_ftj("stop", {"spec": {"suspend": True}})
+    harness.patch_ftj("stop", {"spec": {"suspend": False}})
+    generation = harness.get(FINETUNEJOBS, "stop")["metadata"]["generation"]
+    status = harness.wait_for(
+        "the operator to observe the resume",
+        lambda: (st := harness.status("stop")).get("observedGeneration") == generation and st,
+    )
+    assert (status["phase"], status["reason"]) == ("Cancelled", "Cancelled")
+    suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
+    assert "spec.suspend has no effect" in suspended["message"]
+    assert _jobs_of(harness, "stop") == []
+
+    with pytest.raises(KubeError) as refused:
+        harness.patch_ftj("stop", {"spec": {"cancel": False}})
+    assert refused.value.status == 422
+    assert "spec.cancel" in refused.value.message
+    assert "create a new FineTuneJob" in refused.value.message
+    with pytest.raises(KubeError):  # a null is the default, false: refused the same way
+        harness.patch_ftj("stop", {"spec": {"cancel": None}})
+    assert harness.get(FINETUNEJOBS, "stop")["spec"]["cancel"] is True
+
+
+def test_cancel_after_success_keeps_succeeded(operator: Any, harness: Any) -> None:
+    harness.create("done")
+    pod = harness.kubelet.wait_pod("done")
+    harness.kubelet.run(pod)
+    harness.kubelet.terminate(pod, 0, "Completed", '{"trainLoss": 1.0}')
+    succeeded = harness.wait_phase("done", "Succeeded")
+    job_uid = harness.get(JOBS, "done-trainer")["metadata"]["uid"]
+
+    harness.patch_ftj("done", {"spec": {"cancel": True}})
+    generation = harness.get(FINETUNEJOBS, "done")["metadata"]["generation"]
+    status = harness.wait_for(
+        "the operator to observe the cancel",
+        lambda: (st := harness.status("done")).get("observedGeneration") == generation and st,
+    )
+    assert (status["phase"], status["reason"], status["message"]) == (
+        "Succeeded",
+        "Completed",
+        succeeded["message"],
+    )
+    assert status["completionTime"] == succeeded["completionTime"]
+    cancelled = next(c for c in status["conditions"] if c["type"] == "Cancelled")
+    assert (cancelled["status"], cancelled["reason"]) == ("False", "NotCancelled")
+    assert "phase Succeeded is kept" in cancelled["message"]
+    job = harness.get(JOBS, "done-trainer")  # left alone: its pod and log are the user's to read
+    assert job is not None
+    assert job["metadata"]["uid"] == job_uid
+    assert not job["metadata"].get("deletionTimestamp")
+
+
+def test_a_job_created_cancelled_never_gets_a_trainer(operator: Any, harness: Any) -> None:
+    harness.create("never", cancel=True)
+    status = harness.wait_phase("never", "Cancelled", "Cancelled")
+    created = next(c for c in status["conditions"] if c["type"] == "Created")
+    assert created["status"] == "False"
+    assert _jobs_of(harness, "never") == []
+    assert harness.get(CONFIGMAPS, "never-config") is None

@@ -101,11 +101,11 @@ the ClusterRole; in namespace-scoped mode into a Role in each watched namespace.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# The training run itself: watched for status, patched for suspend/resume and lifecycle limits.
-# Never deleted by the operator: owner references let the garbage collector do that.
+# The training run itself: watched for status, patched for suspend/resume and lifecycle limits,
+# deleted (foreground, its pods first) only when its FineTuneJob is cancelled (spec.cancel).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Read-only pod state: phases, exit codes, termination messages, OOMKilled.
 - apiGroups: [""]
   resources: ["pods"]
