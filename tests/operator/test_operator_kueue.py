@@ -99,3 +99,25 @@ def test_suspend_deactivates_the_workload_and_resume_readmits_it(
         # Clean up while Kueue runs (it holds finalizers on Workloads).
         harness.kube.delete(FINETUNEJOBS, harness.namespace, "kq")
         harness.wait_for("the Workload to go", lambda: _workload(harness, job) is None, timeout=90)
+
+
+def test_cancel_deletes_the_job_and_its_workload(
+    kueue_queues: kueue.Queues, run_operator: Any, harness: Any
+) -> None:
+    """spec.cancel on a job Kueue admitted: the Job is deleted (foreground), and with it the
+    Workload it owns (Kueue releases its finalizer); the FineTuneJob stays, Cancelled."""
+    with run_operator():
+        harness.create("kc", scheduling={"queueName": kueue_queues.local_queue}, resources={"gpus": 0})
+        pod = harness.kubelet.wait_pod("kc", timeout=60)
+        job = harness.kube.get(JOBS, harness.namespace, "kc-trainer")
+        harness.wait_for("the Workload", lambda: _workload(harness, job))
+        harness.kubelet.run(pod)
+        harness.wait_phase("kc", "Running")
+
+        harness.patch_ftj("kc", {"spec": {"cancel": True}})
+        status = harness.wait_phase("kc", "Cancelled", "Cancelled", timeout=90)
+        assert harness.kube.get(JOBS, harness.namespace, "kc-trainer") is None
+        harness.wait_for("the Workload to go", lambda: _workload(harness, job) is None, timeout=90)
+        assert harness.kubelet.pods("kc") == []
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Cancelled"] == "True"
+        assert harness.kube.get(FINETUNEJOBS, harness.namespace, "kc") is not None
