@@ -6,6 +6,7 @@
     client = Client()                       # $KUBECONFIG or ~/.kube/config, its namespace
     job = client.submit(FineTuneJobSpec(...), name="support-chat")
     job.wait()                              # raises JobFailedError with the reason on Failed
+    job.cancel()                            # for good: phase Cancelled, checkpoints kept
     job.metrics(); job.checkpoints(); job.download("./adapter")
 
 Specs are the API's own typed models (:mod:`kubetune_api`), so they are validated and defaulted
@@ -20,6 +21,7 @@ from .errors import (
     Exit,
     InvalidDatasetError,
     InvalidSpecError,
+    JobCancelledError,
     JobFailedError,
     KubetuneError,
     LogsUnavailableError,
@@ -46,6 +48,7 @@ __all__ = [
     "InvalidDatasetError",
     "InvalidSpecError",
     "Job",
+    "JobCancelledError",
     "JobFailedError",
     "KubetuneError",
     "LogsUnavailableError",

@@ -26,7 +26,7 @@ from kubetune_api.spec import FineTuneJobSpec
 
 from . import render
 from .client import Client, load_manifest, to_resource
-from .errors import InvalidSpecError, JobFailedError, KubetuneError
+from .errors import InvalidSpecError, JobCancelledError, JobFailedError, KubetuneError
 from .job import Job
 from .validate import validate_files
 
@@ -270,7 +270,7 @@ def _progress_bar(console: Console) -> Progress:
     )
 
 
-def _watch(job: Job, timeout: float | None) -> None:
+def _watch(job: Job, timeout: float | None, fail_on_cancel: bool = False) -> None:
     """Follow ``job`` until it ends: a live bar, and one printed line per phase or reason change."""
     console = _console()
     seen: tuple[object, object] | None = None
@@ -290,6 +290,8 @@ def _watch(job: Job, timeout: float | None) -> None:
             )
     if job.phase == Phase.FAILED:
         raise JobFailedError(job.name, job.status.reason, job.status.message)
+    if job.phase == Phase.CANCELLED and fail_on_cancel:
+        raise JobCancelledError(job.name, job.status.message)
     if not job.done:
         raise KubetuneError(f"stopped watching {job.name} after {timeout:.0f}s (phase {job.phase})")
 
@@ -305,6 +307,9 @@ def status(
     timeout: Annotated[
         float | None, typer.Option(help="With --watch: give up after this many seconds.")
     ] = None,
+    fail_on_cancel: Annotated[
+        bool, typer.Option(help="With --watch: exit 15 if it is cancelled (default: exit 0).")
+    ] = False,
     output_format: Output = OutputFormat.table,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
@@ -312,13 +317,14 @@ def status(
 ) -> None:
     """Show a FineTuneJob's phase and training progress (step, loss, eval loss, tokens/s, ETA).
 
-    With --watch, a live progress bar until it succeeds (exit 0) or fails (exit 9, with the reason).
+    With --watch, a live progress bar until it succeeds (exit 0), fails (exit 9, with the reason)
+    or is cancelled (exit 0; 15 with --fail-on-cancel).
 
     Example: kubetune status support-chat --watch
     """
     job = _client(kubeconfig, context, namespace).get(name)
     if watch:
-        _watch(job, timeout)
+        _watch(job, timeout, fail_on_cancel)
     elif output_format is OutputFormat.json:
         _print_json(render.job_json(job))
     else:
@@ -370,6 +376,36 @@ def resume(
     """
     job = _client(kubeconfig, context, namespace).get(name).resume()
     _console().print(f"{job.name}: resume requested (phase {job.phase})", markup=False)
+
+
+@app.command()
+@errors_to_exit_codes
+def cancel(
+    name: Name,
+    *,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Then wait until the trainer has stopped and its Job is gone.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    namespace: Namespace = None,
+) -> None:
+    """Cancel a FineTuneJob for good (spec.cancel: true): its trainer saves a checkpoint and stops.
+
+    Unlike delete, the FineTuneJob, its status and its checkpoints stay (phase Cancelled); unlike
+    suspend, it is never resumed and cannot be undone: to train again, create a new FineTuneJob.
+    A run that already Succeeded or Failed keeps its outcome.
+
+    Example: kubetune cancel support-chat --wait
+    """
+    job = _client(kubeconfig, context, namespace).get(name).cancel()
+    _console().print(f"{job.name}: cancel requested (phase {job.phase})", markup=False)
+    if wait:
+        job.wait(timeout)  # returns once the trainer has stopped (or the run had ended anyway)
+        _console().print(render.phase_line(job.name, job.status), markup=False)
 
 
 # -- results ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class Exit(IntEnum):
     NOT_READY = 12
     CHECKSUM_MISMATCH = 13
     LOGS_UNAVAILABLE = 14
+    JOB_CANCELLED = 15
     INVALID_DATA = ExitCode.INVALID_DATA
 
 
@@ -88,6 +89,18 @@ class JobFailedError(KubetuneError):
         self.message = message
         detail = f": {message}" if message else ""
         super().__init__(f"FineTuneJob {name} failed ({reason or 'no reason given'}){detail}")
+
+
+class JobCancelledError(KubetuneError):
+    """The run was cancelled (phase Cancelled), where the caller asked for its result."""
+
+    exit_code = Exit.JOB_CANCELLED
+
+    def __init__(self, name: str, message: str | None) -> None:
+        self.name = name
+        self.message = message
+        detail = f": {message}" if message else ""
+        super().__init__(f"FineTuneJob {name} was cancelled{detail}")
 
 
 class WaitTimeoutError(KubetuneError):

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from kubetune_api import wellknown
 from kubetune_api.base import field_errors
-from kubetune_api.reasons import TERMINAL_PHASES, Phase
+from kubetune_api.reasons import TERMINAL_PHASES, Phase, Reason
 from kubetune_api.resource import FineTuneJob
 from kubetune_api.status import FineTuneJobStatus, Progress
 from kubetune_trainer.checkpoints import list_checkpoints
@@ -26,7 +26,14 @@ from kubetune_trainer.results import sha256_file
 from kubetune_trainer.storage import ObjectStore, join_uri
 
 from . import storage
-from .errors import ChecksumMismatchError, JobFailedError, KubetuneError, NotReadyError, WaitTimeoutError
+from .errors import (
+    ChecksumMismatchError,
+    JobCancelledError,
+    JobFailedError,
+    KubetuneError,
+    NotReadyError,
+    WaitTimeoutError,
+)
 from .kube import Kube, Obj
 from .results import Checkpoint, Manifest, checkpoint_of, parse_manifest
 from .storage import StorageOptions
@@ -96,7 +103,8 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.phase in TERMINAL_PHASES
+        """The run has ended and nothing of it runs any more (a Cancelling trainer is still saving)."""
+        return self.phase in TERMINAL_PHASES and self.status.reason != Reason.CANCELLING
 
     @property
     def output_uri(self) -> str:
@@ -132,13 +140,17 @@ class Job:
             if self.refresh().resource_version != seen:  # missed while the watch reopened
                 yield self
 
-    def wait(self, timeout: float | None = None) -> Job:
-        """Block until the run is Succeeded (returns the job) or Failed (:class:`JobFailedError`
-        with the reason); :class:`WaitTimeoutError` after ``timeout`` seconds."""
+    def wait(self, timeout: float | None = None, *, cancelled_ok: bool = True) -> Job:
+        """Block until the run ends: Succeeded (returns the job), Failed (:class:`JobFailedError`
+        with the reason) or Cancelled (returns the job: a cancel is asked for, not an error;
+        ``cancelled_ok=False`` raises :class:`JobCancelledError` instead, for code that needs the
+        result); :class:`WaitTimeoutError` after ``timeout`` seconds."""
         for _ in self.updates(timeout):
             pass
         if self.phase == Phase.FAILED:
             raise JobFailedError(self.name, self.status.reason, self.status.message)
+        if self.phase == Phase.CANCELLED and not cancelled_ok:
+            raise JobCancelledError(self.name, self.status.message)
         if not self.done:
             raise WaitTimeoutError(
                 f"FineTuneJob {self.name} is still {self.phase or 'without a phase'} after {timeout:.0f}s"
@@ -154,6 +166,17 @@ class Job:
     def resume(self) -> Job:
         """Run again from the newest complete checkpoint (``spec.suspend: false``)."""
         self._set(self._kube.merge_patch(self.namespace, self.name, {"spec": {"suspend": False}}))
+        return self
+
+    # -- spec.cancel -----------------------------------------------------------------------
+    def cancel(self) -> Job:
+        """Stop the run for good (``spec.cancel: true``): the trainer saves a checkpoint and stops,
+        its Job is deleted, the FineTuneJob, its status and checkpoints stay (phase Cancelled).
+
+        Cannot be undone (the API server refuses it); a run that already ended keeps its outcome.
+        Idempotent: cancelling a cancelled job changes nothing.
+        """
+        self._set(self._kube.merge_patch(self.namespace, self.name, {"spec": {"cancel": True}}))
         return self
 
     # -- the trainer's log -----------------------------------------------------------------

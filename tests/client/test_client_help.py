@@ -14,7 +14,9 @@ COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-def
 
 
 def test_the_commands_are_the_issues_and_the_script_is_installed() -> None:
-    expected = {"run", "list", "status", "logs", "suspend", "resume", "checkpoints", "download", "validate"}
+    expected = {
+        "run", "list", "status", "logs", "suspend", "resume", "cancel", "checkpoints", "download", "validate",
+    }  # fmt: skip
     assert set(COMMANDS) == expected
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "kubetune"]
     assert script.value == "kubetune_client.cli:app"
