@@ -162,6 +162,7 @@ def test_lifecycle_through_pod_states(operator: Any, harness: Any) -> None:
     assert status["progress"] == progress  # never clobbered by the operator
     assert _conditions(status) == {
         "Created": "True", "Running": "False", "Suspended": "False", "Succeeded": "True", "Failed": "False",
+        "Cancelled": "False",
     }  # fmt: skip
     expected = {"Created", "Pending", "Running", "Succeeded"}
     harness.wait_for(f"events {expected}", lambda: expected <= {e["reason"] for e in harness.events("life")})
