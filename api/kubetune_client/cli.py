@@ -310,25 +310,37 @@ def status(
     fail_on_cancel: Annotated[
         bool, typer.Option(help="With --watch: exit 15 if it is cancelled (default: exit 0).")
     ] = False,
+    plot: Annotated[
+        bool,
+        typer.Option(
+            "--plot",
+            help="Also draw the loss curve (train and eval loss by step), read from the output in"
+            " object storage: metrics.json once published, else the newest checkpoint.",
+        ),
+    ] = False,
     output_format: Output = OutputFormat.table,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
     namespace: Namespace = None,
+    s3_endpoint: S3Endpoint = None,
 ) -> None:
     """Show a FineTuneJob's phase and training progress (step, loss, eval loss, tokens/s, ETA).
 
     With --watch, a live progress bar until it succeeds (exit 0), fails (exit 9, with the reason)
-    or is cancelled (exit 0; 15 with --fail-on-cancel).
+    or is cancelled (exit 0; 15 with --fail-on-cancel). With --plot, the loss curve under it.
 
     Example: kubetune status support-chat --watch
+    Example: kubetune status support-chat --plot
     """
-    job = _client(kubeconfig, context, namespace).get(name)
+    job = _client(kubeconfig, context, namespace, s3_endpoint).get(name)
     if watch:
         _watch(job, timeout, fail_on_cancel)
     elif output_format is OutputFormat.json:
         _print_json(render.job_json(job))
     else:
         _console().print(render.key_value_table(render.status_rows(job)))
+    if plot:
+        _console().print(render.loss_chart(job.loss_history()), markup=False, highlight=False)
 
 
 # -- logs / suspend / resume ------------------------------------------------------------------

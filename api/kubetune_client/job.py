@@ -35,7 +35,15 @@ from .errors import (
     WaitTimeoutError,
 )
 from .kube import Kube, Obj
-from .results import Checkpoint, Manifest, checkpoint_of, parse_manifest
+from .results import (
+    Checkpoint,
+    LossHistory,
+    Manifest,
+    checkpoint_of,
+    history_from_metrics,
+    history_from_trainer_state,
+    parse_manifest,
+)
 from .storage import StorageOptions
 
 #: Longest single watch request; the watch is opened again after it (and after a 410 Gone).
@@ -225,6 +233,23 @@ class Job:
             )
             for ckpt in complete
         ]
+
+    def loss_history(self) -> LossHistory:
+        """Train and eval loss by step: from ``metrics.json`` once the run is published, else from
+        the newest complete checkpoint's ``trainer_state.json`` (up to that checkpoint's step)."""
+        store = self._store()
+        metrics_uri = join_uri(self.output_uri, wellknown.METRICS)
+        published = _optional(store, metrics_uri)
+        if published is not None:
+            return history_from_metrics(json.loads(published), metrics_uri)
+        with storage.storage_errors(self.output_uri):
+            complete, _incomplete = list_checkpoints(store, self.output_uri)
+        if not complete:
+            raise NotReadyError(
+                f"{self.name} has no complete checkpoint and no result yet (phase {self.phase})"
+            )
+        state_uri = join_uri(complete[-1].uri, TRAINER_STATE)
+        return history_from_trainer_state(_optional(store, state_uri) or b"{}", state_uri)
 
     def download(self, directory: str | os.PathLike[str], merged: bool = True) -> Download:
         """Download the published result into ``directory``, each file's size and sha256 checked

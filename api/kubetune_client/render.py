@@ -16,7 +16,7 @@ from kubetune_api.reasons import Phase
 from kubetune_api.status import FineTuneJobStatus, Progress
 
 from .job import Job
-from .results import Checkpoint
+from .results import Checkpoint, LossHistory
 
 NONE = "-"
 
@@ -163,3 +163,34 @@ def checkpoints_table(checkpoints: Sequence[Checkpoint]) -> Table:
 def job_json(job: Job) -> dict[str, Any]:
     """The FineTuneJob as the API server returned it (``kubectl get -o json``'s object)."""
     return job.raw
+
+
+def loss_chart(history: LossHistory, width: int = 60, height: int = 12) -> str:
+    """Train (``*``) and eval (``o``) loss by step as a text chart, y labelled with the loss range,
+    x with the first and last step. Each column shows the last point that falls into it.
+
+    Hand-written (about 30 lines) rather than a plotting dependency for the CLI.
+    """
+    points = history.train + history.eval
+    if not points:
+        return "no loss logged yet"
+    first, last = min(s for s, _ in points), max(s for s, _ in points)
+    low, high = min(v for _, v in points), max(v for _, v in points)
+    span_x, span_y = max(last - first, 1), (high - low) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+    for series, mark in ((history.train, "*"), (history.eval, "o")):
+        for step, value in series:
+            column = round((step - first) / span_x * (width - 1))
+            row = round((high - value) / span_y * (height - 1))
+            grid[row][column] = mark
+    label_width = max(len(f"{high:.4g}"), len(f"{low:.4g}"))
+    lines = []
+    for row, cells in enumerate(grid):
+        label = f"{high:.4g}" if row == 0 else f"{low:.4g}" if row == height - 1 else ""
+        lines.append(f"{label:>{label_width}} |{''.join(cells)}")
+    lines.append(f"{'':>{label_width}} +{'-' * width}")
+    axis = f"step {first}".ljust(width - len(str(last))) + str(last)
+    lines.append(f"{'':>{label_width}}  {axis}")
+    legend = "* train loss" + ("   o eval loss" if history.eval else "")
+    lines.append(f"{'':>{label_width}}  {legend}   (from {history.source})")
+    return "\n".join(lines)

@@ -123,3 +123,37 @@ def checkpoint_of(step: int, uri: str, marker: bytes | None, trainer_state: byte
         learning_rate=_latest(history, "learning_rate", step),
         epoch=epoch,
     )
+
+
+@dataclass(frozen=True)
+class LossHistory:
+    """Train and eval loss by step, and where they were read from."""
+
+    train: tuple[tuple[int, float], ...]
+    eval: tuple[tuple[int, float], ...]
+    source: str
+
+
+def _points(entries: Any, key: str) -> tuple[tuple[int, float], ...]:
+    found: dict[int, float] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        step, value = (entry.get("step"), entry.get(key)) if isinstance(entry, dict) else (None, None)
+        if isinstance(step, int) and isinstance(value, int | float):
+            found[step] = float(value)  # a repeated step (the final evaluation) keeps the last value
+    return tuple(sorted(found.items()))
+
+
+def history_from_metrics(metrics: dict[str, Any], source: str) -> LossHistory:
+    """From ``metrics.json``: ``lossHistory`` and ``evalLossHistory`` (``{step, loss}`` entries)."""
+    return LossHistory(
+        _points(metrics.get("lossHistory"), "loss"), _points(metrics.get("evalLossHistory"), "loss"), source
+    )
+
+
+def history_from_trainer_state(trainer_state: bytes, source: str) -> LossHistory:
+    """From a checkpoint's ``trainer_state.json``: the Trainer's ``log_history`` up to that step."""
+    try:
+        history = json.loads(trainer_state).get("log_history", [])
+    except (ValueError, AttributeError):
+        history = []
+    return LossHistory(_points(history, "loss"), _points(history, "eval_loss"), source)

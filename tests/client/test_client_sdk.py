@@ -227,6 +227,19 @@ def test_status_prints_the_progress_and_json(cli: Cli, job: Job) -> None:
     assert cli.json("status", job.name, "-n", job.namespace)["status"]["progress"]["step"] == 24
 
 
+def test_status_plot_draws_the_published_loss_curve(cli: Cli, job: Job) -> None:
+    history = job.loss_history()
+    assert history.source.endswith("/metrics.json")
+    steps = [step for step, _ in history.train]
+    assert steps == sorted(steps)
+    assert len(steps) >= 2
+    assert steps[-1] <= 24
+    result = cli("status", job.name, "-n", job.namespace, "--plot")
+    assert result.exit_code == 0, result.output
+    assert "* train loss" in result.stdout
+    assert history.source in result.stdout.replace("\n", "")
+
+
 def test_logs_finds_the_trainer_pod_and_says_when_its_node_serves_no_log(
     cli: Cli, job: Job, client_env: LocalEnv
 ) -> None:
