@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from .crd import CRD_FILE, HEADER, finetunejob_crd
+from .crd import CRD_FILE, HEADER, SWEEP_CRD_FILE, SWEEP_HEADER, finetunejob_crd, finetunesweep_crd
 from .reference import REFERENCE_FILE, api_reference
 
 
@@ -12,6 +12,10 @@ def crd_yaml() -> str:
     return HEADER + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=110, allow_unicode=True)
 
 
+def sweep_crd_yaml() -> str:
+    return SWEEP_HEADER + yaml.safe_dump(finetunesweep_crd(), sort_keys=False, width=110, allow_unicode=True)
+
+
 def generated_files() -> dict[str, str]:
-    """(The chart's copy of the CRD is made by hack/sync-chart-crds.sh, with kopf's CRDs.)"""
-    return {CRD_FILE: crd_yaml(), REFERENCE_FILE: api_reference() + "\n"}
+    """(The chart's copies of the CRDs are made by hack/sync-chart-crds.sh, with kopf's CRDs.)"""
+    return {CRD_FILE: crd_yaml(), SWEEP_CRD_FILE: sweep_crd_yaml(), REFERENCE_FILE: api_reference() + "\n"}

@@ -170,6 +170,9 @@ def structural(node: Mapping[str, Any], defs: Mapping[str, Schema], path: str) -
     if src.get(INT_OR_STRING_KEY):
         out.update(anyOf=[{"type": "integer"}, {"type": "string"}], **{INT_OR_STRING_KEY: True})
         src = {k: v for k, v in src.items() if k not in ("anyOf", "type")}
+    elif "anyOf" in src and src.get(PRESERVE_UNKNOWN_KEY):
+        # Any JSON value (a sweep's choices: numbers, strings, booleans): no type, kept as written.
+        src = {k: v for k, v in src.items() if k not in ("anyOf", "type")}
     elif "anyOf" in src:
         raise ValueError(f"{path}: a union the CRD cannot express: {src['anyOf']}")
     if "const" in src:

@@ -12,9 +12,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import coordinates
-from .crd import finetunejob_crd
+from .crd import finetunejob_crd, finetunesweep_crd
 from .exitcodes import ExitCode
 from .reasons import EXIT_CODE_REASONS, PHASE_MEANINGS, ConditionType, Reason
+from .sweep_reasons import SWEEP_PHASE_MEANINGS, TRIAL_STATE_MEANINGS, SweepConditionType, SweepReason
 
 REFERENCE_FILE = "docs/api.md"
 Schema = Mapping[str, Any]
@@ -186,5 +187,77 @@ def api_reference() -> str:
         *_spec_sections(schema["properties"]["spec"]),
         *_status(schema["properties"]["status"]),
         *_reasons(),
+        *_sweep_reference(),
     ]
     return "\n".join(lines)
+
+
+def _sweep_reference() -> list[str]:
+    """The FineTuneSweep's part of docs/api.md: its spec, status, phases, trial states and reasons."""
+    from . import sweep
+
+    schema = finetunesweep_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = schema["properties"]["spec"]
+    needed = set(spec.get("required", []))
+    rows = (
+        row
+        for key, sub in spec["properties"].items()
+        if key != "template"
+        for row in _rows(sub, f"spec.{key}", key in needed)
+    )
+    status_rows = (
+        row
+        for key, sub in schema["properties"]["status"]["properties"].items()
+        for row in _rows(sub, f"status.{key}", False)
+    )
+    searchable = ", ".join(f"`{path}`" for path in sweep.SWEEPABLE)
+    return [
+        "",
+        f"# FineTuneSweep API reference (`{coordinates.API_VERSION}`)",
+        "",
+        str(schema["description"]),
+        "",
+        "Name rules: " + "; ".join(rule["message"] for rule in schema["x-kubernetes-validations"]) + ".",
+        "",
+        "## spec",
+        "",
+        "`spec.template` is a FineTuneJob spec (see above), with every rule of one; each trial's",
+        "FineTuneJob is the template with the searched paths set, named `<sweep>-<trial number>`, writing",
+        "under `<template.output.uri>/<trial name>`.",
+        "",
+        *_table(rows),
+        "",
+        "Rules:",
+        "",
+        *_rules(spec, "spec"),
+        *_rules(spec["properties"]["searchSpace"]["items"], "spec.searchSpace[]"),
+        "",
+        f"Searchable paths: {searchable}.",
+        "",
+        "## status",
+        "",
+        str(schema["properties"]["status"].get("description", "")),
+        "",
+        *_table(status_rows),
+        "",
+        "## Sweep phases",
+        "",
+        "| phase | meaning |",
+        "|---|---|",
+        *(f"| `{phase}` | {meaning} |" for phase, meaning in SWEEP_PHASE_MEANINGS.items()),
+        "",
+        "## Trial states",
+        "",
+        "| state | meaning |",
+        "|---|---|",
+        *(f"| `{state}` | {meaning} |" for state, meaning in TRIAL_STATE_MEANINGS.items()),
+        "",
+        "Condition types, in order: " + ", ".join(f"`{c}`" for c in SweepConditionType) + ".",
+        "",
+        "## Sweep reasons",
+        "",
+        "| reason | warning | meaning |",
+        "|---|---|---|",
+        *(f"| `{r}` | {'yes' if r.warning else ''} | {r.meaning} |" for r in SweepReason),
+        "",
+    ]
