@@ -552,6 +552,115 @@ class StorageSpec(ApiModel):
     use the pod's cloud identity (see identity)."""
 
 
+#: An MLflow tag key kubetune accepts: letters, digits and ``_ - . /`` (MLflow's own set, less
+#: spaces), not starting with ``/`` or ``.``.
+MLFLOW_TAG_KEY_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]{0,249}$"
+#: Tag prefixes MLflow and kubetune set themselves: a user's tag may not take them over.
+RESERVED_TAG_PREFIXES = ("mlflow.", "kubetune.")
+
+
+class MlflowCredentialsSecretRef(ApiModel):
+    """Secret with the tracking server's credentials: a token, or a username and a password. Mounted
+    into the trainer as read-only files (never environment variables; the values are never copied);
+    the trainer sets MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD,
+    in its own process only."""
+
+    cel_rules = (
+        Rule(
+            cel=(
+                "has(self.tokenKey) ? !has(self.usernameKey) && !has(self.passwordKey)"
+                " : has(self.usernameKey) && has(self.passwordKey)"
+            ),
+            message=(
+                "name either tokenKey (a bearer token) or both usernameKey and passwordKey (basic"
+                " authentication), not both kinds"
+            ),
+            check=lambda r: (
+                (r.username_key is None and r.password_key is None)
+                if r.token_key is not None
+                else (r.username_key is not None and r.password_key is not None)
+            ),
+        ),
+    )
+
+    name: SecretName
+    """Name of the Secret, in the FineTuneJob's namespace."""
+    token_key: SecretKey | None = None
+    """Key in the Secret holding a bearer token (MLFLOW_TRACKING_TOKEN)."""
+    username_key: SecretKey | None = None
+    """Key in the Secret holding the username (MLFLOW_TRACKING_USERNAME), with passwordKey."""
+    password_key: SecretKey | None = None
+    """Key in the Secret holding the password (MLFLOW_TRACKING_PASSWORD), with usernameKey."""
+
+    @property
+    def kind(self) -> Literal["token", "basic"]:
+        """Which credentials the Secret holds."""
+        return "token" if self.token_key is not None else "basic"
+
+
+def _tag_key_ok(key: str) -> bool:
+    return bool(re.fullmatch(MLFLOW_TAG_KEY_PATTERN, key)) and not key.startswith(RESERVED_TAG_PREFIXES)
+
+
+_TAG_KEY_CEL = f"key.matches({cel_string(MLFLOW_TAG_KEY_PATTERN)}) && " + " && ".join(
+    f"!key.startsWith({cel_string(prefix)})" for prefix in RESERVED_TAG_PREFIXES
+)
+#: The run's tags: MLflow's key syntax (checked per key, as a CRD cannot constrain map keys
+#: otherwise), values up to 5000 characters (MLflow takes 8000).
+MlflowTags = Annotated[
+    dict[str, Annotated[str, Field(max_length=5000)]],
+    Field(max_length=32),
+    FieldRule(
+        cel=f"self.all(key, {_TAG_KEY_CEL})",
+        message=(
+            "keys must be MLflow tag keys such as team or data.version: up to 250 letters, digits, '_',"
+            " '-', '.' and '/', not starting with '.' or '/'; mlflow. and kubetune. are reserved"
+        ),
+        check=lambda tags: all(_tag_key_ok(key) for key in tags),
+    ),
+]
+
+
+class MlflowSpec(ApiModel):
+    """An MLflow tracking server the trainer logs the run to: params, metrics per logging step,
+    the output URI and the final metrics. A server that cannot be reached never fails training."""
+
+    tracking_uri: Annotated[
+        str,
+        Field(max_length=1024),
+        FieldRule.matching(
+            ENDPOINT_PATTERN,
+            (
+                "must be an http:// or https:// URL of an MLflow tracking server such as "
+                "https://mlflow.example:5000: a host without spaces, then an optional /path"
+            ),
+        ),
+    ]
+    """URL of the tracking server (http or https). Its port (80/443 without one) is the one the
+    trainer's NetworkPolicy lets out."""
+    experiment_name: str | None = Field(default=None, min_length=1, max_length=500)
+    """Experiment to log to, created if missing; unset: MLflow's Default experiment."""
+    run_name: str | None = Field(default=None, min_length=1, max_length=250)
+    """Name of the run; unset: <namespace>/<name> of the FineTuneJob."""
+    tags: MlflowTags | None = None
+    """Tags of the run; kubetune adds kubetune.name, kubetune.namespace and kubetune.uid (the
+    FineTuneJob's), and kubetune.outputUri once the result is published."""
+    credentials_secret_ref: MlflowCredentialsSecretRef | None = None
+    """Secret with a token or a username and password for the server, mounted into the trainer as
+    read-only files. Unset: no authentication."""
+
+
+class TrackingSpec(ApiModel):
+    """Experiment tracking: TensorBoard event files under the output, and an MLflow run."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files (every logged metric by step) under <output.uri>/tensorboard/,
+    uploaded with each checkpoint and with the result (point TensorBoard at that prefix, or a
+    downloaded copy)."""
+    mlflow: MlflowSpec | None = None
+    """Log the run to an MLflow tracking server."""
+
+
 class ResourcesSpec(ApiModel):
     """Compute for the trainer pod."""
 
@@ -923,6 +1032,8 @@ class FineTuneJobSpec(ApiModel):
     storage: StorageSpec = Field(default=StorageSpec(), json_schema_extra=immutable("storage"))
     """The S3-compatible object storage holding the dataset, (optionally) the model and the output.
     Credentials come from a Secret reference or the pod's cloud identity; never inline."""
+    tracking: TrackingSpec = Field(default=TrackingSpec(), json_schema_extra=immutable("tracking"))
+    """Experiment tracking: TensorBoard event files under the output, and an MLflow run."""
     resources: ResourcesSpec = Field(default=ResourcesSpec(), json_schema_extra=immutable("resources"))
     """Compute for the trainer pod."""
     distributed: DistributedSpec = Field(

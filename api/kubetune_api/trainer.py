@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import Field
 
@@ -39,6 +39,7 @@ from .spec import (
     OutputSpec,
     QuantizationSpec,
     StorageSpec,
+    TrackingSpec,
     TrainingSpec,
     quantity_value,
 )
@@ -58,6 +59,9 @@ class SecretFilesSpec(ApiModel):
     """storage.credentialsSecretRef is mounted at STORAGE_CREDENTIALS_DIR."""
     hub_token: bool = False
     """model.tokenSecretRef is mounted at HUB_TOKEN_DIR."""
+    mlflow_credentials: Literal["token", "basic"] | None = None
+    """tracking.mlflow.credentialsSecretRef is mounted at MLFLOW_CREDENTIALS_DIR: a token, or a
+    username and a password."""
 
 
 class ReportingSpec(ApiModel):
@@ -71,6 +75,9 @@ class ReportingSpec(ApiModel):
     """Least time between two progress patches."""
     termination_message_path: str = wellknown.TERMINATION_MESSAGE_PATH
     """Where the final summary goes (the container's terminationMessagePath)."""
+    uid: str | None = Field(default=None, min_length=1, max_length=64)
+    """The FineTuneJob's uid; written only with tracking.mlflow (a tag of the run), so configs
+    without tracking stay readable by older trainers."""
 
 
 #: What determines a run's result; connection and reporting settings are left out, so a
@@ -108,6 +115,9 @@ class TrainerConfig(ApiModel):
     training: TrainingSpec = TrainingSpec()
     storage: StorageSpec = StorageSpec()
     output: OutputSpec
+    tracking: TrackingSpec = TrackingSpec()
+    """TensorBoard and MLflow (spec.tracking, without the Secret reference: the pod has the
+    credentials as files). Not part of the fingerprint: a run resumes whatever it reports to."""
     reporting: ReportingSpec = ReportingSpec()
     gpus: int = Field(default=0, ge=0, le=64)
     """GPUs requested; the trainer fails if the launched world size differs. 0 = CPU."""
@@ -133,6 +143,15 @@ class TrainerConfig(ApiModel):
         names no Secret.
         """
         scratch = spec.resources.scratch
+        mlflow = spec.tracking.mlflow
+        creds = None if mlflow is None else mlflow.credentials_secret_ref
+        tracking = spec.tracking
+        if mlflow is not None:
+            tracking = tracking.model_copy(
+                update={"mlflow": mlflow.model_copy(update={"credentials_secret_ref": None})}
+            )
+        else:
+            reporting = reporting.model_copy(update={"uid": None})
         return cls(
             kubetune_version=KUBETUNE_VERSION,
             model=spec.model.model_copy(update={"token_secret_ref": None}),
@@ -143,6 +162,7 @@ class TrainerConfig(ApiModel):
             training=spec.training,
             storage=spec.storage.model_copy(update={"credentials_secret_ref": None}),
             output=spec.output,
+            tracking=tracking,
             reporting=reporting,
             gpus=spec.resources.gpus,
             processes=spec.resources.processes,
@@ -151,6 +171,7 @@ class TrainerConfig(ApiModel):
             secret_files=SecretFilesSpec(
                 storage_credentials=spec.storage.credentials_secret_ref is not None,
                 hub_token=spec.model.token_secret_ref is not None,
+                mlflow_credentials=None if creds is None else creds.kind,
             ),
         )
 

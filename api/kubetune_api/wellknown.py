@@ -35,6 +35,11 @@ SESSION_TOKEN_FILE: Final = "session-token"  # noqa: S105
 HUB_TOKEN_DIR: Final = f"{SECRETS_DIR}/hub"
 HUB_TOKEN_FILE: Final = "token"  # noqa: S105
 ENV_HUB_TOKEN_PATH: Final = "HF_TOKEN_PATH"  # noqa: S105
+#: ``spec.tracking.mlflow.credentialsSecretRef``'s keys: a token, or a username and a password.
+MLFLOW_CREDENTIALS_DIR: Final = f"{SECRETS_DIR}/mlflow"
+MLFLOW_TOKEN_FILE: Final = "token"  # noqa: S105
+MLFLOW_USERNAME_FILE: Final = "username"
+MLFLOW_PASSWORD_FILE: Final = "password"  # noqa: S105
 
 # -- the output prefix (spec.output.uri) -------------------------------------------------------
 #: ``checkpoints/step-N/`` folders; one counts only once its marker exists.
@@ -47,5 +52,9 @@ METRICS: Final = "metrics.json"
 RESOLVED_CONFIG: Final = "trainer_config.json"
 MODEL_CARD: Final = "README.md"
 MERGED_DIR: Final = "merged"
+#: ``spec.tracking.tensorboard``: the event files, uploaded with each checkpoint and the result.
+TENSORBOARD_DIR: Final = "tensorboard"
+#: ``spec.tracking.mlflow``: the MLflow run's id, so that a resumed pod logs to the same run.
+MLFLOW_RUN_FILE: Final = "mlflow-run.json"
 #: A probe object the trainer writes and deletes before training, to prove the prefix is writable.
 WRITE_PROBE_PREFIX: Final = ".kubetune-write-probe-"

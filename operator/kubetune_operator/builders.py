@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -79,9 +80,9 @@ def _child_metadata(ftj: Body, name: str, extra_labels: Mapping[str, str] | None
 def trainer_config(ftj: Body) -> TrainerConfig:
     """The trainer's config: the spec's training sections, and ``reporting`` naming this FineTuneJob."""
     meta = _meta(ftj)
-    return TrainerConfig.from_spec(
-        spec_of(ftj), ReportingSpec(namespace=meta["namespace"], name=meta["name"])
-    )
+    # The uid tags the MLflow run (from_spec keeps it only with tracking.mlflow).
+    reporting = ReportingSpec(namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid"))
+    return TrainerConfig.from_spec(spec_of(ftj), reporting)
 
 
 def config_map(ftj: Body) -> Obj:
@@ -291,6 +292,18 @@ def _secret_volumes(spec: FineTuneJobSpec) -> list[tuple[Obj, Obj]]:
         found.append(
             secret("hub-token", token.name, {token.key: wellknown.HUB_TOKEN_FILE}, wellknown.HUB_TOKEN_DIR)
         )
+    mlflow = spec.tracking.mlflow
+    tracking = None if mlflow is None else mlflow.credentials_secret_ref
+    if tracking is not None:
+        keys = (
+            {tracking.token_key: wellknown.MLFLOW_TOKEN_FILE}
+            if tracking.token_key is not None
+            else {
+                str(tracking.username_key): wellknown.MLFLOW_USERNAME_FILE,
+                str(tracking.password_key): wellknown.MLFLOW_PASSWORD_FILE,
+            }
+        )
+        found.append(secret("mlflow-credentials", tracking.name, keys, wellknown.MLFLOW_CREDENTIALS_DIR))
     return found
 
 
@@ -474,12 +487,26 @@ def job_patch(ftj: Body, current_job: Mapping[str, Any]) -> Obj | None:
     return {"spec": changes} if changes else None
 
 
+def tracking_egress(spec: FineTuneJobSpec) -> list[Obj]:
+    """With tracking.mlflow, an egress rule for the tracking server: TCP to the port of its URI
+    (80 or 443 without one), to any address, since the operator's configuration has no peers for
+    a server each FineTuneJob names itself (and a host name is no NetworkPolicy peer)."""
+    mlflow = spec.tracking.mlflow
+    if mlflow is None:
+        return []
+    url = urlsplit(mlflow.tracking_uri)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return [{"ports": [{"protocol": "TCP", "port": port}]}]
+
+
 def network_policy(ftj: Body, egress: Egress) -> Obj:
-    """No ingress to the trainer pod; egress only to DNS, the API server, the object store and,
-    for a hub model, the hub. The peers differ per cluster, so the operator's config gives them."""
+    """No ingress to the trainer pod; egress only to DNS, the API server, the object store, for a
+    hub model the hub, and for tracking.mlflow its server's port. The peers differ per cluster, so
+    the operator's config gives them."""
     spec = spec_of(ftj)
     name = _meta(ftj)["name"]
     groups = [*names.EGRESS_ALWAYS, *(() if spec.model.is_s3 else (names.EGRESS_HUB,))]
+    rules = [dict(rule) for group in groups for rule in egress.get(group, ())]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -487,7 +514,7 @@ def network_policy(ftj: Body, egress: Egress) -> Obj:
         "spec": {
             "podSelector": {"matchLabels": {names.LABEL_FINETUNEJOB: name}},
             "policyTypes": ["Ingress", "Egress"],
-            "egress": [dict(rule) for group in groups for rule in egress.get(group, ())],
+            "egress": [*rules, *tracking_egress(spec)],
         },
     }
 

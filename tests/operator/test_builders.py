@@ -492,3 +492,91 @@ def test_pod_runs_as_the_trainer_images_user(make_ftj: Any) -> None:
     uid, _, gid = users[-1].partition(":")
     security = builders.job(make_ftj(), TRAINER_IMAGE)["spec"]["template"]["spec"]["securityContext"]
     assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid or uid))
+
+
+# -- spec.tracking ---------------------------------------------------------------------------------
+MLFLOW = {
+    "trackingUri": "https://mlflow.example:5443/team",
+    "experimentName": "llama",
+    "tags": {"team": "nlp"},
+}
+
+
+@pytest.mark.parametrize(
+    ("secret_ref", "items", "kind"),
+    [
+        ({"name": "mlflow-token", "tokenKey": "api-token"}, [{"key": "api-token", "path": "token"}], "token"),
+        (
+            {"name": "mlflow-basic", "usernameKey": "user", "passwordKey": "pass"},
+            [{"key": "user", "path": "username"}, {"key": "pass", "path": "password"}],
+            "basic",
+        ),
+    ],
+)
+def test_mlflow_credentials_reach_the_trainer_only_as_files(
+    make_ftj: Any, secret_ref: Obj, items: list[Obj], kind: str
+) -> None:
+    """Like the storage Secret: an optional read-only volume at /var/run/secrets/kubetune/mlflow;
+    the config names which kind of credentials to expect, never the Secret or a value."""
+    ftj = make_ftj(tracking={"mlflow": {**MLFLOW, "credentialsSecretRef": secret_ref}})
+    job = builders.job(ftj, TRAINER_IMAGE)
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in _container(job)["volumeMounts"]}
+
+    assert volumes["mlflow-credentials"]["secret"] == {
+        "secretName": secret_ref["name"],
+        "items": items,
+        "defaultMode": 0o440,
+        "optional": True,
+    }
+    assert mounts["mlflow-credentials"] == {
+        "name": "mlflow-credentials",
+        "mountPath": "/var/run/secrets/kubetune/mlflow",
+        "readOnly": True,
+    }
+    env = _env(job)
+    assert not [name for name in env if name.startswith("MLFLOW")]
+    assert not any("secretKeyRef" in json.dumps(e) for e in env.values())
+
+    text = builders.config_map(ftj)["data"]["config.json"]
+    assert secret_ref["name"] not in text
+    assert "credentialsSecretRef" not in text
+    config = TrainerConfig.model_validate_json(text)
+    assert config.secret_files.mlflow_credentials == kind
+    assert config.tracking.mlflow is not None
+    assert config.tracking.mlflow.tracking_uri == MLFLOW["trackingUri"]
+    assert config.tracking.mlflow.tags == {"team": "nlp"}
+    # The run is tagged with the FineTuneJob's identity.
+    assert (config.reporting.name, config.reporting.uid) == ("demo", ftj["metadata"]["uid"])
+
+
+def test_without_mlflow_the_config_stays_as_before(make_ftj: Any) -> None:
+    """No uid and no tracking keys: a config without tracking reads in an older trainer."""
+    text = builders.config_map(make_ftj())["data"]["config.json"]
+    raw = json.loads(text)
+    assert "tracking" not in raw
+    assert "uid" not in raw["reporting"]
+    assert "mlflowCredentials" not in json.dumps(raw)
+    tb = json.loads(builders.config_map(make_ftj(tracking={"tensorboard": True}))["data"]["config.json"])
+    assert tb["tracking"] == {"tensorboard": True}
+    assert "uid" not in tb["reporting"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "port"),
+    [
+        ("https://mlflow.example:5443/team", 5443),
+        ("http://mlflow.ml.svc", 80),
+        ("https://mlflow.example", 443),
+    ],
+)
+def test_network_policy_lets_out_the_tracking_servers_port(make_ftj: Any, uri: str, port: int) -> None:
+    egress = {"dns": [{"ports": [{"protocol": "UDP", "port": 53}]}]}
+    plain = builders.network_policy(make_ftj(), egress)
+    assert plain["spec"]["egress"] == [{"ports": [{"protocol": "UDP", "port": 53}]}]
+    tracked = builders.network_policy(make_ftj(tracking={"mlflow": {"trackingUri": uri}}), egress)
+    assert tracked["spec"]["egress"] == [
+        {"ports": [{"protocol": "UDP", "port": 53}]},
+        {"ports": [{"protocol": "TCP", "port": port}]},
+    ]
