@@ -17,13 +17,23 @@ import json
 import re
 from dataclasses import dataclass
 from types import UnionType
-from typing import Annotated, Any, ClassVar, Final, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Final, Literal, Self, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from . import coordinates
-from .base import CEL_KEY, PRESERVE_UNKNOWN_KEY, ApiModel, FieldRule, Rule, cel_string, field_errors
+from .base import (
+    CEL_KEY,
+    PRESERVE_UNKNOWN_KEY,
+    RULE_ERROR,
+    ApiModel,
+    FieldRule,
+    Rule,
+    cel_string,
+    field_errors,
+)
 from .resource import ObjectMeta, PrinterColumn
 from .spec import SEED_MAX, FineTuneJobSpec
 from .status import MAX_MESSAGE, Condition
@@ -185,6 +195,12 @@ PATH_RULE = FieldRule(
 Choice = Annotated[Scalar, Field(json_schema_extra={PRESERVE_UNKNOWN_KEY: True})]
 
 
+RANGE_OR_CHOICES: Final = "set either low and high (a range) or choices, not both and not neither"
+GRID_NEEDS_CHOICES: Final = (
+    "sampler grid needs choices for every parameter (a range has no grid): give choices, or use tpe"
+)
+
+
 def _whole(value: float | None) -> bool:
     return value is None or float(value).is_integer()
 
@@ -198,12 +214,6 @@ class SearchParameter(ApiModel):
             message="a range needs both low and high",
             field_path=".high",
             check=lambda p: (p.low is None) == (p.high is None),
-        ),
-        Rule(
-            cel="has(self.choices) != has(self.low)",
-            message="set either low and high (a range) or choices, not both and not neither",
-            field_path=".choices",
-            check=lambda p: (p.choices is not None) != (p.low is not None),
         ),
         Rule(
             cel=f"!has(self.low) || self.path in {_cel_list(NUMERIC_PATHS)}",
@@ -247,6 +257,13 @@ class SearchParameter(ApiModel):
     choices: tuple[Choice, ...] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
     """The values to choose from (numbers, strings or booleans), for any field; the grid sampler
     needs choices for every parameter."""
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> Self:
+        # Python only: CEL cannot see choices (its items have no one type), so the operator reports it.
+        if (self.choices is not None) == (self.low is not None):
+            raise PydanticCustomError(RULE_ERROR, RANGE_OR_CHOICES, {"field_path": ".choices"})
+        return self
 
     @property
     def kind(self) -> ParameterKind:
@@ -313,15 +330,6 @@ class FineTuneSweepSpec(ApiModel):
             check=_unique_paths,
         ),
         Rule(
-            cel="self.sampler != 'grid' || self.searchSpace.all(p, has(p.choices))",
-            message=(
-                "sampler grid needs choices for every parameter (a range has no grid): give choices,"
-                " or use tpe"
-            ),
-            field_path=".sampler",
-            check=lambda s: s.sampler != "grid" or all(p.choices is not None for p in s.search_space),
-        ),
-        Rule(
             cel="!has(self.template.cancel) || !self.template.cancel",
             message="template.cancel must be false: trials that start cancelled never run",
             field_path=".template.cancel",
@@ -371,6 +379,13 @@ class FineTuneSweepSpec(ApiModel):
     """Seed of the sampler: the same sweep over the same results asks for the same trials."""
     pruner: PrunerSpec | None = Field(default=None)
     """Stops unpromising trials early; unset: every trial runs to its end. Editable."""
+
+    @model_validator(mode="after")
+    def _grid_has_choices(self) -> Self:
+        # Python only, as SearchParameter's choices check: the operator reports it (InvalidSearchSpace).
+        if self.sampler == "grid" and any(p.choices is None for p in self.search_space):
+            raise PydanticCustomError(RULE_ERROR, GRID_NEEDS_CHOICES, {"field_path": ".sampler"})
+        return self
 
 
 class IntermediateValue(ApiModel):

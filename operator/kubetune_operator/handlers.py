@@ -19,15 +19,19 @@ import kopf
 from prometheus_client import start_http_server
 
 from kubetune_api import coordinates
+from kubetune_api import sweep as sweep_api
 from kubetune_api.reasons import is_warning
+from kubetune_api.sweep_reasons import SweepReason
 
-from . import names
+from . import names, sweep
 from .kube import Kube
 from .metrics import Metrics
 from .reconcile import Outcome, Reconciler
 from .settings import OperatorConfig, configure, from_env
+from .sweep_reconcile import SweepOutcome, SweepReconciler
 
 FTJ = (coordinates.GROUP, coordinates.VERSION, coordinates.PLURAL)
+SWEEP = (coordinates.GROUP, coordinates.VERSION, sweep_api.PLURAL)
 _EVENT_MESSAGE_LIMIT = 1000
 #: How soon a held FineTuneJob (a spec that does not parse, a refused child) is tried again.
 HOLD_RETRY_SECONDS = 20
@@ -54,6 +58,7 @@ def operator_startup(
     memo.config = config
     configure(settings, config)
     memo.reconciler = Reconciler(Kube.connect(), config.trainer_image, config.trainer_egress)
+    memo.sweeps = SweepReconciler(memo.reconciler.kube)
     memo.metrics = Metrics()
     memo.metrics_server = None
     if config.metrics_port:
@@ -176,3 +181,85 @@ def job_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: 
 def pod_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A trainer pod changed (scheduled, pulling, running, OOMKilled...): recompute status."""
     _reconcile(memo, "pod", namespace, labels.get(names.LABEL_FINETUNEJOB))
+
+
+# -- FineTuneSweep ---------------------------------------------------------------------------------
+
+
+def _reconcile_sweep(memo: kopf.Memo, namespace: str | None, name: str | None, *, may_retry: bool) -> None:
+    if not namespace or not name:
+        return
+    sweeps: SweepReconciler = memo.sweeps
+    try:
+        outcome = sweeps.sync(namespace, name)
+    except Exception:
+        if may_retry:
+            raise  # kopf retries create/resume/update handlers
+        logging.getLogger(__name__).exception(
+            "sweep %s/%s: sync failed; the next event retries", namespace, name
+        )
+        return
+    if outcome is not None:
+        _announce_sweep(outcome)
+
+
+def _announce_sweep(outcome: SweepOutcome) -> None:
+    """Events: trials created, pruned and ended, and the sweep's phase (or reason) changing."""
+    body = kopf.Body(cast(kopf.RawBody, outcome.sweep))
+    trials = {t["name"]: t for t in (outcome.sweep.get("status") or {}).get("trials") or []}
+    for name in outcome.created:
+        parameters = (trials.get(name) or {}).get("parameters")
+        message = f"trial {name} with {parameters}"[:_EVENT_MESSAGE_LIMIT]
+        kopf.event(body, type="Normal", reason=SweepReason.TRIAL_CREATED, message=message)
+    for name in outcome.pruned:
+        kopf.event(
+            body, type="Normal", reason=SweepReason.TRIAL_PRUNED, message=f"trial {name}: spec.cancel: true"
+        )
+    for name in outcome.ended:
+        record = trials.get(name) or {}
+        message = (
+            f"trial {name} {record.get('state')}: value {record.get('value')} {record.get('message', '')}"
+        )
+        kopf.event(
+            body, type="Normal", reason=SweepReason.TRIAL_ENDED, message=message[:_EVENT_MESSAGE_LIMIT]
+        )
+    phase, reason, message = outcome.after
+    if outcome.before == (phase, reason):
+        return
+    kind = "Warning" if any(r == reason and r.warning for r in SweepReason) else "Normal"
+    kopf.event(body, type=kind, reason=phase, message=f"{reason}: {message}"[:_EVENT_MESSAGE_LIMIT])
+
+
+@kopf.on.create(*SWEEP)
+def finetunesweep_create(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A new FineTuneSweep: create its first trials and its first status."""
+    _reconcile_sweep(memo, namespace, name, may_retry=True)
+
+
+@kopf.on.resume(*SWEEP)
+def finetunesweep_resume(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Operator start: adopt the trials that exist, record them, create what maxParallel allows."""
+    _reconcile_sweep(memo, namespace, name, may_retry=True)
+
+
+@kopf.on.update(*SWEEP, field="spec")
+def finetunesweep_update(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """maxTrials, maxParallel or the pruner edited: create or prune accordingly."""
+    _reconcile_sweep(memo, namespace, name, may_retry=True)
+
+
+@kopf.on.event(*SWEEP)
+def finetunesweep_event(
+    event: kopf.RawEvent, namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """Any change (and every watch re-list): resync."""
+    if event.get("type") == "DELETED":
+        memo.sweeps.forget(namespace or "", name or "")
+        return
+    _reconcile_sweep(memo, namespace, name, may_retry=False)
+
+
+@kopf.on.event(*FTJ, labels={sweep.LABEL_SWEEP: kopf.PRESENT})
+def sweep_trial_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A trial's FineTuneJob changed (progress, phase): resync its sweep."""
+    _reconcile_sweep(memo, namespace, labels.get(sweep.LABEL_SWEEP), may_retry=False)

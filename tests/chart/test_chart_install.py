@@ -22,6 +22,7 @@ from .conftest import CHART_DIR, REPO_ROOT, Helm, Kubectl
 pytestmark = pytest.mark.cluster
 
 FTJ = "finetunejobs.kubetune.dev"
+SWEEP = "finetunesweeps.kubetune.dev"
 EXAMPLE_FTJ = REPO_ROOT / "examples" / "argocd" / "finetunejobs" / "alpaca-qlora.yaml"
 
 
@@ -91,6 +92,10 @@ def assert_operator_rights(kubectl: Kubectl, sa: str, ns: str) -> None:
         ("create", "jobs.batch"),
         ("patch", "jobs.batch"),
         ("delete", "jobs.batch"),  # spec.cancel
+        ("create", FTJ),  # a FineTuneSweep's trials
+        ("watch", SWEEP),
+        ("patch", SWEEP),
+        ("patch", SWEEP, "--subresource=status"),
         ("watch", "pods"),
         ("create", "configmaps"),
         ("create", "serviceaccounts"),
@@ -105,8 +110,10 @@ def assert_operator_rights(kubectl: Kubectl, sa: str, ns: str) -> None:
     denied = [
         ("get", "secrets"),
         ("list", "secrets"),
-        ("create", FTJ),
         ("delete", FTJ),
+        ("create", SWEEP),
+        ("delete", SWEEP),
+        ("update", SWEEP),
         ("update", FTJ),
         ("create", "pods"),
         ("delete", "pods"),

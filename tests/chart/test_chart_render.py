@@ -15,9 +15,12 @@ import yaml
 from .conftest import CHART_DIR, KUBE_VERSION, REPO_ROOT, Helm, container_env, find, one
 
 NAMESPACED_VERBS = {
-    ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "create"},
     ("kubetune.dev", "finetunejobs/status"): {"get", "patch"},
     ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
+    ("kubetune.dev", "finetunesweeps"): {"get", "list", "watch", "patch"},
+    ("kubetune.dev", "finetunesweeps/status"): {"get", "patch"},
+    ("kubetune.dev", "finetunesweeps/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "create"},
@@ -107,7 +110,12 @@ def test_default_render(helm: Helm) -> None:
         ]
     )
     crds = {o["metadata"]["name"] for o in find(objects, "CustomResourceDefinition")}
-    assert crds == {"finetunejobs.kubetune.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert crds == {
+        "finetunejobs.kubetune.dev",
+        "finetunesweeps.kubetune.dev",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }
     assert not find(objects, "Role")
     assert not find(objects, "RoleBinding")
 

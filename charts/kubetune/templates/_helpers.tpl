@@ -89,10 +89,11 @@ Rules the operator needs inside every namespace it serves. In cluster-wide mode 
 the ClusterRole; in namespace-scoped mode into a Role in each watched namespace.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# The FineTuneJob API: watch it, patch metadata (kopf finalizers/annotations), never write spec.
+# The FineTuneJob API: watch it, patch metadata (kopf finalizers/annotations); create a sweep's
+# trials and set spec.cancel on the trials its pruner stops (the only spec the operator writes).
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "create"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch"]
@@ -100,6 +101,17 @@ the ClusterRole; in namespace-scoped mode into a Role in each watched namespace.
 # OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) require this for that.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
+# The FineTuneSweep API: watch it, patch metadata (kopf annotations) and status; its trials carry
+# blockOwnerDeletion owner references to it (hence finalizers, as for FineTuneJobs).
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunesweeps"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunesweeps/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunesweeps/finalizers"]
   verbs: ["update"]
 # The training run itself: watched for status, patched for suspend/resume and lifecycle limits,
 # deleted (foreground, its pods first) only when its FineTuneJob is cancelled (spec.cancel).
