@@ -557,6 +557,8 @@ class StorageSpec(ApiModel):
 MLFLOW_TAG_KEY_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]{0,249}$"
 #: Tag prefixes MLflow and kubetune set themselves: a user's tag may not take them over.
 RESERVED_TAG_PREFIXES = ("mlflow.", "kubetune.")
+#: A URL with a user (and password) before its host: credentials go by Secret reference only.
+URL_WITH_USERINFO_PATTERN = r"^[a-z]+://[^/]*@"
 
 
 class MlflowCredentialsSecretRef(ApiModel):
@@ -634,6 +636,11 @@ class MlflowSpec(ApiModel):
                 "must be an http:// or https:// URL of an MLflow tracking server such as "
                 "https://mlflow.example:5000: a host without spaces, then an optional /path"
             ),
+        ),
+        FieldRule(
+            cel=f"!self.matches({cel_string(URL_WITH_USERINFO_PATTERN)})",
+            message="must not hold credentials (user:password@): name a Secret in credentialsSecretRef",
+            check=lambda v: not re.match(URL_WITH_USERINFO_PATTERN, v),
         ),
     ]
     """URL of the tracking server (http or https). Its port (80/443 without one) is the one the
