@@ -42,7 +42,17 @@ def _load_config(path: str) -> TrainerConfig:
 
 
 #: The config's sections that are the FineTuneJob spec's own (the operator fills in the rest).
-_SPEC_SECTIONS = ("model", "dataset", "method", "quantization", "lora", "training", "storage", "output")
+_SPEC_SECTIONS = (
+    "model",
+    "dataset",
+    "method",
+    "quantization",
+    "lora",
+    "training",
+    "storage",
+    "output",
+    "tracking",
+)
 
 
 def _raw_config(text: str) -> dict[str, Any]:

@@ -55,6 +55,7 @@ def check_secret_files(
     mounted: SecretFilesSpec,
     storage_dir: Path = Path(wellknown.STORAGE_CREDENTIALS_DIR),
     hub_dir: Path = Path(wellknown.HUB_TOKEN_DIR),
+    mlflow_dir: Path = Path(wellknown.MLFLOW_CREDENTIALS_DIR),
 ) -> None:
     """The operator mounts the Secrets the spec names as optional volumes (a missing one would
     leave the pod in ContainerCreating, holding its GPU): mounted without its files means the
@@ -72,6 +73,19 @@ def check_secret_files(
         missing.append(
             "model.tokenSecretRef: the Secret, or its key, does not exist in the FineTuneJob's namespace"
         )
+    if mounted.mlflow_credentials is not None:
+        expected: tuple[str, ...] = (
+            (wellknown.MLFLOW_TOKEN_FILE,)
+            if mounted.mlflow_credentials == "token"
+            else (wellknown.MLFLOW_USERNAME_FILE, wellknown.MLFLOW_PASSWORD_FILE)
+        )
+        absent = [name for name in expected if not (mlflow_dir / name).is_file()]
+        if absent:
+            keys = "tokenKey" if mounted.mlflow_credentials == "token" else "usernameKey, passwordKey"
+            missing.append(
+                f"tracking.mlflow.credentialsSecretRef: the Secret, or its key for {' and '.join(absent)} "
+                f"({keys}), does not exist in the FineTuneJob's namespace"
+            )
     if missing:
         raise SecretMissingError(
             "; ".join(missing) + ": create it (kubectl create secret generic ...); the Job retries "

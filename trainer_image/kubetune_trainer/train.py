@@ -33,6 +33,7 @@ from . import (
     results,
     sft,
     throughput,
+    tracking,
 )
 from .storage import ObjectStore, join_uri
 
@@ -192,7 +193,7 @@ def callbacks(ctx: RunContext) -> tuple[Any, list[Any]]:
     return sync, found
 
 
-def build(ctx: RunContext, data: dataset.ValidatedData) -> Built:
+def build(ctx: RunContext, data: dataset.ValidatedData, tracker: tracking.Tracker | None = None) -> Built:
     """Tokenizer, rows, model and the TRL trainer, resumed from the newest checkpoint."""
     cfg = ctx.cfg
     hw, precision, gc, speed = plan_hardware(cfg)
@@ -209,6 +210,7 @@ def build(ctx: RunContext, data: dataset.ValidatedData) -> Built:
     ckpt_root = ctx.work_dir / "checkpoints"
     resume = restore_checkpoint(ctx, ckpt_root)
     sync, found = callbacks(ctx)
+    found += tracker.callbacks() if tracker is not None else []
     args = sft.sft_config(cfg.training, plan, ckpt_root)
     peft_config = modeling.lora_config(cfg)
     trainer = sft.build_trainer(
@@ -301,11 +303,29 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         return {"phase": "Succeeded", "outputUri": cfg.output.uri, "alreadyComplete": True, **_summary(done)}
     checkpoints.check_owner(ctx.store, cfg.output.uri, ctx.fingerprint)
     preflight.check_scratch(cfg, ctx.store, ctx.work_dir)  # before any download
-    data = prepare_data(ctx)
-    built = build(ctx, data)
-    metrics = train(ctx, built)
-    publish(ctx, built, metrics)
+    tracker = tracking.Tracker(cfg, ctx.store, ctx.work_dir, ctx.is_main)
+    tracker.start()  # before the data: a bad dataset is a FAILED run too
+    metrics = tracked_run(ctx, tracker)
     return {"phase": "Succeeded", "outputUri": cfg.output.uri, **_summary(metrics)}
+
+
+def tracked_run(ctx: RunContext, tracker: tracking.Tracker) -> dict[str, Any]:
+    """Data -> build -> train -> publish; the MLflow run ends FINISHED once the result is
+    published, KILLED on SIGTERM (a later pod reopens it), FAILED on anything else."""
+    try:
+        data = prepare_data(ctx)
+        built = build(ctx, data, tracker)
+        metrics = train(ctx, built)
+        tracker.sync_tensorboard()  # the event files are in storage before the manifest
+        publish(ctx, built, metrics)
+    except checkpoints.Terminated:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED", metrics)
+    return metrics
 
 
 def _last_logged(log_history: list[dict[str, Any]], key: str) -> Any:
