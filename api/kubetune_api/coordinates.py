@@ -18,6 +18,8 @@ SINGULAR: Final = "finetunejob"
 SHORT_NAMES: Final = ("ftj",)
 CATEGORIES: Final = ("kubetune",)
 CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+#: The label on every child of a FineTuneJob (its name): the operator sets it, the SDK selects by it.
+LABEL_FINETUNEJOB: Final = f"{GROUP}/{SINGULAR}"
 
 #: Longest suffix appended to a FineTuneJob name ("-trainer"); names are capped so the result fits 63.
 MAX_NAME_LENGTH: Final = 55

@@ -18,6 +18,8 @@ SCRATCH_DIR: Final = "/tmp"
 WORK_DIR: Final = f"{SCRATCH_DIR}/kubetune"
 #: UID/GID of the trainer image's non-root user (USER 65532:65532 in trainer_image/Dockerfile).
 TRAINER_UID: Final = 65532
+#: The trainer pod's container name (the operator's podFailurePolicy and status, the CLI's logs).
+TRAINER_CONTAINER: Final = "trainer"
 
 #: The FineTuneJob the trainer reports to (set by the operator on the trainer container).
 ENV_JOB_NAME: Final = "KUBETUNE_JOB_NAME"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune_api import coordinates
+from kubetune_api import coordinates, wellknown
 
 from .errors import (
     AlreadyExistsError,
@@ -29,10 +29,9 @@ from .errors import (
 
 Obj = dict[str, Any]
 
-#: The label the operator puts on each child of a FineTuneJob (kubetune_operator.names.LABEL_FINETUNEJOB).
-JOB_LABEL = f"{coordinates.GROUP}/finetunejob"
-#: The trainer's container name in its pod (kubetune_operator.names.TRAINER_CONTAINER).
-TRAINER_CONTAINER = "trainer"
+#: The label the operator puts on each child of a FineTuneJob.
+JOB_LABEL = coordinates.LABEL_FINETUNEJOB
+TRAINER_CONTAINER = wellknown.TRAINER_CONTAINER
 #: Seconds a plain (non-watch) request may take.
 REQUEST_TIMEOUT = 30
 _IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

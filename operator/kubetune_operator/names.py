@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Final
 
-from kubetune_api.coordinates import GROUP
+from kubetune_api import coordinates, wellknown
 
 #: The trainer container's name (podFailurePolicy rules and status refer to it).
-TRAINER_CONTAINER: Final = "trainer"
+TRAINER_CONTAINER: Final = wellknown.TRAINER_CONTAINER
 
 LABEL_NAME: Final = "app.kubernetes.io/name"
 LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
-LABEL_FINETUNEJOB: Final = f"{GROUP}/finetunejob"
+LABEL_FINETUNEJOB: Final = coordinates.LABEL_FINETUNEJOB
 LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 #: Kueue labels each Workload with the uid of the Job it stands for.
 LABEL_KUEUE_JOB_UID: Final = "kueue.x-k8s.io/job-uid"
