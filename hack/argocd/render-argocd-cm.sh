@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerate examples/argocd/argocd-cm.yaml from hack/argocd/finetunejob-health.lua and the
-# resource actions in hack/argocd/actions/ (discovery.lua, <action>/action.lua): the argocd-cm
-# patch embeds each script verbatim; tests/chart/test_argocd_health.py and
-# tests/chart/test_argocd_actions.py check it.
+# Regenerate examples/argocd/argocd-cm.yaml from hack/argocd/finetunejob-health.lua, the
+# resource actions in hack/argocd/actions/ (discovery.lua, <action>/action.lua) and
+# hack/argocd/finetunesweep-health.lua: the argocd-cm patch embeds each script verbatim;
+# tests/chart/test_argocd_health.py, test_argocd_actions.py and test_argocd_sweep_health.py check it.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 here="$repo/hack/argocd"
@@ -12,12 +12,14 @@ actions=(suspend resume cancel)
 indent() { sed "s/^/$(printf '%*s' "$1" '')/; s/^ *$//" "$2"; }
 {
   cat <<'HEADER'
-# Argo CD health check and resource actions (suspend, resume, cancel) for FineTuneJob, as a patch
-# of the argocd-cm ConfigMap. The scripts are hack/argocd/finetunejob-health.lua and
-# hack/argocd/actions/ verbatim (tests/chart/test_argocd_health.py and test_argocd_actions.py fail
-# if they differ; regenerate with hack/argocd/render-argocd-cm.sh). Apply with:
+# Argo CD health check and resource actions (suspend, resume, cancel) for FineTuneJob, and the
+# health check for FineTuneSweep, as a patch of the argocd-cm ConfigMap. The scripts are
+# hack/argocd/finetunejob-health.lua, hack/argocd/actions/ and hack/argocd/finetunesweep-health.lua
+# verbatim (tests/chart/test_argocd_health.py, test_argocd_actions.py and
+# test_argocd_sweep_health.py fail if they differ; regenerate with hack/argocd/render-argocd-cm.sh).
+# Apply with:
 #   kubectl -n argocd patch configmap argocd-cm --type merge --patch-file examples/argocd/argocd-cm.yaml
-# (or put both keys into your Argo CD Helm values under configs.cm).
+# (or put these keys into your Argo CD Helm values under configs.cm).
 data:
   resource.customizations.health.kubetune.dev_FineTuneJob: |
 HEADER
@@ -31,5 +33,7 @@ HEADER
     echo "      action.lua: |"
     indent 8 "$here/actions/$action/action.lua"
   done
+  echo "  resource.customizations.health.kubetune.dev_FineTuneSweep: |"
+  indent 4 "$here/finetunesweep-health.lua"
 } > "$out"
 echo "wrote ${out#"$repo"/}"
