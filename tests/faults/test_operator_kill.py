@@ -44,6 +44,7 @@ import pytest
 
 from kubetune_api import coordinates
 from kubetune_api.exitcodes import ExitCode
+from kubetune_api.reasons import ConditionType
 from kubetune_localenv import stack
 from kubetune_localenv.cluster import LocalEnv, ManagedProcess, pick_port
 from kubetune_operator import names
@@ -101,10 +102,11 @@ TERMINAL: Mapping[Outcome, tuple[str, str] | None] = {
     Outcome.DELETE: None,
     Outcome.TTL: ("Succeeded", "Completed"),
 }
-CONDITION_TYPES = {"Created", "Running", "Suspended", "Succeeded", "Failed"}
+#: Every condition type the operator reports (from the contract: a new one is expected here too).
+CONDITION_TYPES = {str(t) for t in ConditionType}
 #: The condition that is True in each phase (Created aside).
 TRUE_IN_PHASE = {"Pending": set(), "Running": {"Running"}, "Suspended": {"Suspended"},
-                 "Succeeded": {"Succeeded"}, "Failed": {"Failed"}}  # fmt: skip
+                 "Succeeded": {"Succeeded"}, "Failed": {"Failed"}, "Cancelled": {"Cancelled"}}  # fmt: skip
 
 
 def _now() -> str:
