@@ -49,6 +49,17 @@ app = typer.Typer(
 )
 
 
+#: ``kubetune sweep ...``: its commands are in :mod:`.cli_sweep`, imported at the end of this module.
+sweep_app = typer.Typer(
+    help=(
+        "Hyperparameter sweeps (FineTuneSweep): each trial an ordinary FineTuneJob, chosen by Optuna.\n\n"
+        "Example: kubetune sweep run -f examples/finetunesweep.yaml --watch"
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(sweep_app, name="sweep")
+
+
 def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
@@ -506,3 +517,8 @@ def validate(
         _console().print(
             f"{file}: valid, {report.train_records} records{extra}, format {report.format}", markup=False
         )
+
+
+# -- sweep ------------------------------------------------------------------------------------
+# Registers ``kubetune sweep run/status/list`` on sweep_app; last, because it reads this module.
+from . import cli_sweep  # noqa: E402, F401

@@ -137,3 +137,17 @@ class InvalidDatasetError(KubetuneError):
     """``validate`` found bad records; the message lists them as the trainer would."""
 
     exit_code = Exit.INVALID_DATA
+
+
+class SweepFailedError(KubetuneError):
+    """A FineTuneSweep ended in phase Failed (no trial reported the objective, or an invalid search
+    space); the same exit code as a failed FineTuneJob, since a script treats them alike."""
+
+    exit_code = Exit.JOB_FAILED
+
+    def __init__(self, name: str, reason: str | None, message: str | None) -> None:
+        self.name = name
+        self.reason = reason
+        self.message = message
+        detail = f": {message}" if message else ""
+        super().__init__(f"FineTuneSweep {name} failed ({reason or 'no reason given'}){detail}")

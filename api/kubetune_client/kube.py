@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_api import coordinates, wellknown
+from kubetune_api import sweep as sweep_api
 
 from .errors import (
     AlreadyExistsError,
@@ -111,8 +112,10 @@ class Kube:
 
     # -- errors ----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def errors(self, what: str, namespace: str | None = None, name: str | None = None) -> Iterator[None]:
-        """Turn the client's failures during ``what`` into :mod:`.errors` classes."""
+    def errors(
+        self, what: str, namespace: str | None = None, name: str | None = None, kind: str = coordinates.KIND
+    ) -> Iterator[None]:
+        """Turn the client's failures during ``what`` (on a ``kind``) into :mod:`.errors` classes."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -121,11 +124,13 @@ class Kube:
         except KubetuneError:
             raise
         except ApiException as exc:
-            raise self._api_error(exc, what, namespace, name) from exc
+            raise self._api_error(exc, what, namespace, name, kind) from exc
         except HTTPError as exc:  # connection refused, TLS, DNS: no answer at all
             raise NoClusterError(f"cannot reach the API server at {self.server} ({what}): {exc}") from exc
 
-    def _api_error(self, exc: Exception, what: str, namespace: str | None, name: str | None) -> KubetuneError:
+    def _api_error(
+        self, exc: Exception, what: str, namespace: str | None, name: str | None, kind: str = coordinates.KIND
+    ) -> KubetuneError:
         status, message = _http_status(exc)
         if status == 401:
             return PermissionDeniedError(
@@ -134,22 +139,23 @@ class Kube:
         if status == 403:
             return PermissionDeniedError(f"permission denied ({what}): {message}")
         if status == 404:
-            if not self.crd_served():
+            plural = sweep_api.PLURAL if kind == sweep_api.KIND else coordinates.PLURAL
+            if not self.crd_served(plural):
                 return CrdNotInstalledError(
-                    f"the cluster at {self.server} serves no {coordinates.KIND} resource "
-                    f"({coordinates.API_VERSION}): install kubetune's CRD (helm install kubetune "
+                    f"the cluster at {self.server} serves no {kind} resource "
+                    f"({coordinates.API_VERSION}): install kubetune's CRDs (helm install kubetune "
                     "charts/kubetune, or kubectl apply -f crds/)"
                 )
             where = f" in namespace {namespace}" if namespace else ""
-            return NotFoundError(f"{coordinates.KIND} {name or ''} not found{where}".replace("  ", " "))
+            return NotFoundError(f"{kind} {name or ''} not found{where}".replace("  ", " "))
         if status == 409:
             return AlreadyExistsError(f"{what}: {message}")
         if status in (400, 422):
             return InvalidSpecError(f"the API server refused it ({what}): {message}")
         return KubetuneError(f"{what} failed (HTTP {status}): {message}")
 
-    def crd_served(self) -> bool:
-        """Whether the API server serves FineTuneJobs (discovery of the CRD's group/version)."""
+    def crd_served(self, plural: str = coordinates.PLURAL) -> bool:
+        """Whether the API server serves FineTuneJobs, or ``plural`` (discovery of the group/version)."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -161,7 +167,7 @@ class Kube:
             if exc.status == 404:
                 return False
             raise
-        return any(r.name == coordinates.PLURAL for r in found.resources or [])
+        return any(r.name == plural for r in found.resources or [])
 
     # -- FineTuneJobs ----------------------------------------------------------------------
     def _custom(self) -> Any:
@@ -262,6 +268,55 @@ class Kube:
                     raise NotFoundError(f"{coordinates.KIND} {name} was deleted in namespace {namespace}")
                 if isinstance(obj, dict):
                     yield obj
+
+    # -- FineTuneSweeps --------------------------------------------------------------------
+    def create_sweep(self, body: Obj, namespace: str, dry_run: bool = False) -> Obj:
+        name = body.get("metadata", {}).get("name")
+        extra: dict[str, Any] = {"dry_run": "All"} if dry_run else {}
+        with self.errors(f"create {sweep_api.KIND} {name}", namespace, name, sweep_api.KIND):
+            created: Obj = self._custom().create_namespaced_custom_object(
+                coordinates.GROUP,
+                coordinates.VERSION,
+                namespace,
+                sweep_api.PLURAL,
+                body,
+                field_manager=_FIELD_MANAGER,
+                field_validation="Strict",
+                _request_timeout=REQUEST_TIMEOUT,
+                **extra,
+            )
+        return created
+
+    def get_sweep(self, namespace: str, name: str) -> Obj:
+        with self.errors(f"get {sweep_api.KIND} {name}", namespace, name, sweep_api.KIND):
+            found: Obj = self._custom().get_namespaced_custom_object(
+                coordinates.GROUP,
+                coordinates.VERSION,
+                namespace,
+                sweep_api.PLURAL,
+                name,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        return found
+
+    def list_sweeps(self, namespace: str | None) -> list[Obj]:
+        """FineTuneSweeps in ``namespace`` (None: every namespace)."""
+        custom = self._custom()
+        with self.errors(f"list {sweep_api.PLURAL}", namespace, kind=sweep_api.KIND):
+            if namespace is None:
+                answer = custom.list_cluster_custom_object(
+                    coordinates.GROUP, coordinates.VERSION, sweep_api.PLURAL, _request_timeout=REQUEST_TIMEOUT
+                )
+            else:
+                answer = custom.list_namespaced_custom_object(
+                    coordinates.GROUP,
+                    coordinates.VERSION,
+                    namespace,
+                    sweep_api.PLURAL,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+        items: list[Obj] = answer.get("items", [])
+        return items
 
     # -- trainer pods ----------------------------------------------------------------------
     def trainer_pods(self, namespace: str, name: str) -> list[Obj]:

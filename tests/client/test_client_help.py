@@ -11,11 +11,18 @@ from typer.testing import CliRunner
 from kubetune_client.cli import app
 
 COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+#: The commands of each group (``kubetune sweep run`` ...), as "group command".
+SUBCOMMANDS = sorted(
+    f"{group} {sub}"
+    for group, command in typer.main.get_command(app).commands.items()  # type: ignore[attr-defined]
+    for sub in getattr(command, "commands", {})
+)
 
 
 def test_the_commands_are_the_issues_and_the_script_is_installed() -> None:
     expected = {
         "run", "list", "status", "logs", "suspend", "resume", "cancel", "checkpoints", "download", "validate",
+        "sweep",
     }  # fmt: skip
     assert set(COMMANDS) == expected
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "kubetune"]
@@ -28,3 +35,15 @@ def test_help_says_what_the_command_does_with_an_example(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert "Example" in result.stdout
     assert f"kubetune {command}" in result.stdout  # the example runs this very command
+
+
+def test_the_sweep_commands_are_run_status_and_list() -> None:
+    assert SUBCOMMANDS == ["sweep list", "sweep run", "sweep status"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_of_each_subcommand_has_an_example(command: str) -> None:
+    result = CliRunner().invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.stdout
+    assert f"kubetune {command}" in result.stdout
