@@ -76,8 +76,12 @@ SEED_MAX = 2**32 - 1
 ENDPOINT_PATTERN = r"^https?://[!-.0-~]+(/.*)?$"
 
 
-DatasetFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]
+DatasetFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text", "preference"]
 Method = Literal["qlora", "lora"]
+#: What training optimizes. orpo, kto and reward are not offered yet (docs/trainer.md, "Objectives").
+Objective = Literal["sft", "dpo"]
+#: TRL's DPO loss types that kubetune offers (DPOConfig.loss_type; each needs no setting of its own).
+DpoLossType = Literal["sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down"]
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -356,6 +360,10 @@ class FieldMapping(ApiModel):
     """Column holding the completion (prompt_completion)."""
     text: ColumnName = "text"
     """Column holding the raw text (text)."""
+    chosen: ColumnName = "chosen"
+    """Column holding the preferred response (preference; the prompt is the prompt column)."""
+    rejected: ColumnName = "rejected"
+    """Column holding the dispreferred response (preference)."""
 
 
 class DatasetSpec(ApiModel):
@@ -379,7 +387,9 @@ class DatasetSpec(ApiModel):
     validation."""
     format: DatasetFormat = "auto"
     """Record format. alpaca: instruction/input/output; chat: a list of {role, content} messages;
-    prompt_completion: prompt/completion; text: raw text; auto: detected from the first records."""
+    prompt_completion: prompt/completion; text: raw text; preference: prompt/chosen/rejected (text,
+    or lists of {role, content} messages), for objective dpo; auto: detected from the first
+    records."""
     field_mapping: FieldMapping = FieldMapping()
     """Column names in the dataset for each role the format uses, when they differ from the defaults."""
     max_reported_errors: int = Field(default=20, ge=1, le=1000)
@@ -508,6 +518,19 @@ class TrainingSpec(ApiModel):
     """Random seed for data shuffling and initialization (at most 4294967295: numpy's 32 bits)."""
     gradient_checkpointing: bool | None = None
     """Trade compute for memory; unset means on for GPUs and off on CPU."""
+
+
+class DpoSpec(ApiModel):
+    """Direct preference optimization (TRL's DPOTrainer); only with objective dpo."""
+
+    beta: float = Field(default=0.1, gt=0.0, le=100.0)
+    """How far the trained model may move from the reference (the frozen base model): higher stays
+    closer. For lossType ipo it is the regularization tau."""
+    loss_type: DpoLossType = "sigmoid"
+    """The DPO loss (TRL's loss_type). sigmoid: the DPO paper's; ipo: IPO, less prone to
+    overfitting on deterministic preferences; hinge: SLiC's; sigmoid_norm: sigmoid over
+    length-normalized log-probabilities; apo_zero and apo_down: anchored preference optimization,
+    when the chosen responses are better (apo_zero) or worse (apo_down) than the model's own."""
 
 
 class OutputSpec(ApiModel):
@@ -936,6 +959,60 @@ EVAL_NEEDS_DATA = Rule(
 )
 
 
+#: The dataset formats DPO can read: records with chosen and rejected responses.
+DPO_FORMATS = ("auto", "preference")
+DPO_NEEDS_PREFERENCE_DATA = Rule(
+    cel="self.objective != 'dpo' || self.dataset.format == 'auto' || self.dataset.format == 'preference'",
+    message=(
+        "objective dpo trains on preference pairs: set dataset.format to preference or auto"
+        " (records with prompt, chosen and rejected), or objective to sft"
+    ),
+    field_path=".dataset.format",
+    check=lambda s: s.objective != "dpo" or s.dataset.format in DPO_FORMATS,
+)
+PREFERENCE_DATA_NEEDS_DPO = Rule(
+    cel="self.dataset.format != 'preference' || self.objective == 'dpo'",
+    message=(
+        "dataset.format preference (prompt, chosen, rejected) is for objective dpo: set objective"
+        " to dpo, or use a supervised format (alpaca, chat, prompt_completion, text)"
+    ),
+    field_path=".objective",
+    check=lambda s: s.dataset.format != "preference" or s.objective == "dpo",
+)
+DPO_SETTINGS_NEED_DPO = Rule(
+    cel="!has(self.dpo) || self.objective == 'dpo'",
+    message="dpo settings apply to objective dpo only: set objective to dpo, or remove the dpo section",
+    field_path=".dpo",
+    check=lambda s: s.dpo is None or s.objective == "dpo",
+)
+DPO_NO_PACKING = Rule(
+    cel="self.objective != 'dpo' || !self.training.packing",
+    message=(
+        "training.packing is for objective sft: TRL's DPO batches each prompt with its chosen and"
+        " rejected responses, unpacked; set packing to false"
+    ),
+    field_path=".training.packing",
+    check=lambda s: s.objective != "dpo" or not s.training.packing,
+)
+DPO_NO_PADDING_FREE = Rule(
+    cel="self.objective != 'dpo' || self.training.batching != 'padding-free'",
+    message=(
+        "training.batching padding-free is not available with objective dpo (TRL's DPO collator"
+        " pads): use auto, length-grouped or padded"
+    ),
+    field_path=".training.batching",
+    check=lambda s: s.objective != "dpo" or s.training.batching != "padding-free",
+)
+#: The objective rules, shared by the spec and the trainer config.
+OBJECTIVE_RULES = (
+    DPO_NEEDS_PREFERENCE_DATA,
+    PREFERENCE_DATA_NEEDS_DPO,
+    DPO_SETTINGS_NEED_DPO,
+    DPO_NO_PACKING,
+    DPO_NO_PADDING_FREE,
+)
+
+
 #: Settings that only run on a GPU, refused at apply time for a CPU job (resources.gpus 0).
 FLASH_ATTENTION_NEEDS_GPU = Rule(
     cel="self.resources.gpus > 0 || self.training.attnImplementation != 'flash_attention_2'",
@@ -1010,11 +1087,13 @@ class FineTuneJobSpec(ApiModel):
     cel_rules = (
         QLORA_NEEDS_4BIT,
         EVAL_NEEDS_DATA,
+        *OBJECTIVE_RULES,
         FLASH_ATTENTION_NEEDS_GPU,
         LIGER_NEEDS_GPU,
         BITSANDBYTES_OPTIMIZER_NEEDS_GPU,
         FSDP_NEEDS_GPUS,
         FSDP_ACTIVATION_CHECKPOINTING_ALONE,
+        immutable_optional("dpo"),
         immutable_optional("image"),
         immutable_optional("imagePullPolicy"),
         immutable_optional("imagePullSecrets"),
@@ -1024,6 +1103,12 @@ class FineTuneJobSpec(ApiModel):
     """The base model to fine-tune."""
     dataset: DatasetSpec = Field(json_schema_extra=immutable("dataset"))
     """The training data, as JSON Lines (or JSON/Parquet) objects in object storage."""
+    objective: Objective = Field(default="sft", json_schema_extra=immutable("objective"))
+    """What training optimizes. sft: supervised fine-tuning on the dataset's responses; dpo: direct
+    preference optimization on preference pairs (dataset.format preference or auto), the
+    reference being the frozen base model (the adapter disabled)."""
+    dpo: DpoSpec | None = Field(default=None, json_schema_extra=immutable("dpo"))
+    """DPO settings (objective dpo only); unset: the defaults."""
     method: Method = Field(default="qlora", json_schema_extra=immutable("method"))
     """Fine-tuning method: qlora (4-bit quantized base model + LoRA) or lora."""
     quantization: QuantizationSpec = Field(

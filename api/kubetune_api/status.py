@@ -45,6 +45,18 @@ class Progress(ApiModel):
     """Training throughput."""
     eta_seconds: float | None = None
     """Estimated seconds to the end of training."""
+    reward_accuracy: float | None = None
+    """objective dpo: share of the latest logged pairs whose chosen response the model rewards
+    above the rejected one (TRL's rewards/accuracies; 0.5 is chance)."""
+    reward_margin: float | None = None
+    """objective dpo: mean reward of the chosen minus the rejected responses (rewards/margins)."""
+    reward_chosen: float | None = None
+    """objective dpo: mean reward of the chosen responses, beta times the log-probability ratio to
+    the reference model (rewards/chosen)."""
+    reward_rejected: float | None = None
+    """objective dpo: mean reward of the rejected responses (rewards/rejected); it should fall."""
+    eval_reward_accuracy: float | None = None
+    """objective dpo: reward accuracy on the validation data at the latest evaluation."""
     last_checkpoint: str | None = None
     """URI of the latest complete checkpoint in object storage."""
     update_time: datetime.datetime | None = None

@@ -29,13 +29,16 @@ from . import wellknown
 from .base import ApiModel
 from .spec import (
     EVAL_NEEDS_DATA,
+    OBJECTIVE_RULES,
     QLORA_NEEDS_4BIT,
     DatasetSpec,
     DistributedSpec,
+    DpoSpec,
     FineTuneJobSpec,
     LoraSpec,
     Method,
     ModelSpec,
+    Objective,
     OutputSpec,
     QuantizationSpec,
     StorageSpec,
@@ -86,6 +89,8 @@ class ReportingSpec(ApiModel):
 _FINGERPRINT_FIELDS: dict[str, Any] = {
     "model": {"source": True, "revision": True, "trust_remote_code": True},
     "dataset": True,
+    "objective": True,
+    "dpo": True,
     "method": True,
     "quantization": True,
     "lora": True,
@@ -102,13 +107,17 @@ _FINGERPRINT_FIELDS: dict[str, Any] = {
 class TrainerConfig(ApiModel):
     """Everything the trainer needs, rendered by the operator from a FineTuneJob."""
 
-    cel_rules = (QLORA_NEEDS_4BIT, EVAL_NEEDS_DATA)
+    cel_rules = (QLORA_NEEDS_4BIT, EVAL_NEEDS_DATA, *OBJECTIVE_RULES)
 
     kubetune_version: str | None = Field(default=None, min_length=1, max_length=64)
     """The version of the operator that wrote the config (its :data:`KUBETUNE_VERSION`); unset in
     a config written by hand. Not part of the fingerprint."""
     model: ModelSpec
     dataset: DatasetSpec
+    objective: Objective = "sft"
+    """spec.objective: sft, or dpo on preference pairs."""
+    dpo: DpoSpec | None = None
+    """spec.dpo (objective dpo; unset: the defaults)."""
     method: Method = "qlora"
     quantization: QuantizationSpec = QuantizationSpec()
     lora: LoraSpec = LoraSpec()
@@ -156,6 +165,8 @@ class TrainerConfig(ApiModel):
             kubetune_version=KUBETUNE_VERSION,
             model=spec.model.model_copy(update={"token_secret_ref": None}),
             dataset=spec.dataset,
+            objective=spec.objective,
+            dpo=spec.dpo,
             method=spec.method,
             quantization=spec.quantization,
             lora=spec.lora,

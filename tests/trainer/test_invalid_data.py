@@ -43,9 +43,25 @@ class Case:
     train: str = "train.jsonl"
     dataset: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    objective: str | None = None  # spec.objective; None: the default (sft)
 
 
 GOOD = alpaca_records(4)
+
+
+def pairs(n: int = 3) -> list[dict[str, Any]]:
+    """Good text preference pairs (objective dpo)."""
+    return [
+        {"prompt": f"after {c} comes", "chosen": " green", "rejected": " blue"}
+        for c in ("red", "black", "white")[:n]
+    ]
+
+
+CHAT_PAIR = {
+    "prompt": [{"role": "user", "content": "what follows red"}],
+    "chosen": [{"role": "assistant", "content": "green"}],
+    "rejected": [{"role": "assistant", "content": "purple"}],
+}
 
 CASES = [
     Case(
@@ -145,6 +161,74 @@ CASES = [
         ["train.jsonl line 2: missing 'answer'"],
         dataset={"format": "alpaca", "fieldMapping": {"instruction": "question", "output": "answer"}},
     ),
+    Case(
+        "preference-missing-rejected",
+        {"train.jsonl": to_jsonl([*pairs(2), {"prompt": "after red comes", "chosen": " green"}])},
+        ["train.jsonl line 3: missing 'rejected'"],
+        objective="dpo",
+    ),
+    Case(
+        "preference-chosen-equals-rejected",
+        {"train.jsonl": to_jsonl([*pairs(1), {"prompt": "p", "chosen": " green", "rejected": " green"}])},
+        ["train.jsonl line 2: fields 'chosen' and 'rejected' are the same: the pair prefers nothing"],
+        objective="dpo",
+    ),
+    Case(
+        "preference-empty-chosen",
+        {"train.jsonl": to_jsonl([*pairs(2), {"prompt": "p", "chosen": "  ", "rejected": " blue"}])},
+        ["train.jsonl line 3: field 'chosen' is empty"],
+        objective="dpo",
+    ),
+    Case(
+        "preference-wrong-type",
+        {"train.jsonl": to_jsonl([*pairs(1), {"prompt": "p", "chosen": 7, "rejected": " blue"}])},
+        ["train.jsonl line 2: field 'chosen' must be a string, got a number"],
+        objective="dpo",
+    ),
+    Case(
+        "preference-chat-prompt-with-text-response",
+        {"train.jsonl": to_jsonl([CHAT_PAIR, {**CHAT_PAIR, "rejected": "purple"}])},
+        ["train.jsonl line 2: field 'rejected' is not a JSON list of messages"],
+        objective="dpo",
+    ),
+    Case(
+        "preference-chat-response-without-assistant",
+        {
+            "train.jsonl": to_jsonl(
+                [CHAT_PAIR, {**CHAT_PAIR, "chosen": [{"role": "user", "content": "green"}]}]
+            )
+        },
+        ["train.jsonl line 2: field 'chosen' has no assistant message to learn from"],
+        objective="dpo",
+    ),
+    Case(
+        "preference-field-mapping",
+        {
+            "train.jsonl": to_jsonl(
+                [{"q": "p", "good": " green", "bad": " blue"}, {"q": "p", "good": " green"}]
+            )
+        },
+        ["train.jsonl line 2: missing 'bad'"],
+        dataset={"fieldMapping": {"prompt": "q", "chosen": "good", "rejected": "bad"}},
+        objective="dpo",
+    ),
+    Case(
+        "dpo-with-supervised-data",
+        {"train.jsonl": to_jsonl(GOOD)},
+        [
+            "train.jsonl line 1: an alpaca record (fields 'instruction' and 'output'), but objective dpo"
+            " trains on preference pairs (fields 'prompt', 'chosen' and 'rejected')"
+        ],
+        objective="dpo",
+    ),
+    Case(
+        "sft-with-preference-data",
+        {"train.jsonl": to_jsonl(pairs())},
+        [
+            "train.jsonl line 1: a preference pair (fields 'prompt', 'chosen' and 'rejected'), but objective"
+            " sft trains on supervised records: set objective to dpo"
+        ],
+    ),
 ]
 
 
@@ -160,6 +244,8 @@ def test_invalid_dataset_exits_42_before_training(
         dataset["validation"] = f"s3://{bucket}/data/val.jsonl"
     trainer_run.config["dataset"] = dataset
     trainer_run.env.update(case.env)
+    if case.objective is not None:
+        trainer_run.config["objective"] = case.objective
 
     started = time.monotonic()
     code, log = trainer_run.run(timeout=120)

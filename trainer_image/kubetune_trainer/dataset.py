@@ -18,7 +18,15 @@ from kubetune_api.spec import DatasetSpec, FieldMapping
 
 from .datafiles import read_records, shown
 from .errors import InvalidDataError
-from .formats import ConcreteFormat, check_record, describe_formats, detect_format, format_fields, to_example
+from .formats import (
+    OBJECTIVE_FORMATS,
+    ConcreteFormat,
+    check_record,
+    describe_formats,
+    detect_format,
+    format_fields,
+    to_example,
+)
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -149,10 +157,36 @@ def _field_name(key: str) -> str:
     return key if plain and key else shown(key, _KEY_CHARS)
 
 
-def validate(spec: DatasetSpec, files: DataFiles) -> ValidatedData:
-    """Check every record of every file; raise InvalidDataError with the first problems."""
+def _objective_mismatch(fmt: _Format | None, objective: str, fields: FieldMapping) -> str | None:
+    """``"train.jsonl line 1: ..."`` when the detected format is not one ``objective`` trains on.
+
+    Only a detected format can mismatch: a set dataset.format is checked against the objective
+    at apply time (spec.OBJECTIVE_RULES).
+    """
+    if fmt is None or fmt.decided_by is None or fmt.name in OBJECTIVE_FORMATS[objective]:
+        return None
+    found = format_fields(fmt.name, fields)
+    if objective == "dpo":
+        wanted = format_fields("preference", fields)
+        article = "an" if fmt.name[0] in "aeiou" else "a"
+        return (
+            f"{fmt.decided_by}: {article} {fmt.name} record ({found}), but objective dpo trains on"
+            f" preference pairs ({wanted}): convert the data, or use objective sft"
+        )
+    return (
+        f"{fmt.decided_by}: a preference pair ({found}), but objective {objective} trains on supervised"
+        " records: set objective to dpo"
+    )
+
+
+def validate(spec: DatasetSpec, files: DataFiles, objective: str = "sft") -> ValidatedData:
+    """Check every record of every file against the format and the objective; raise
+    InvalidDataError with the first problems."""
     fmt = None if spec.format == "auto" else _Format(spec.format, None)
     fmt, train, problems, total = _check_file(files.train, spec.train, spec, fmt)
+    wrong = _objective_mismatch(fmt, objective, spec.field_mapping)
+    if wrong is not None:
+        raise InvalidDataError([wrong], 1)
     validation: list[dict[str, Any]] = []
     if files.validation is not None and fmt is not None:
         _, validation, more, more_total = _check_file(files.validation, spec.validation or "", spec, fmt)
@@ -204,6 +238,12 @@ def example_text(example: dict[str, Any], tokenizer: Any) -> str:
         return str(tokenizer.apply_chat_template(example["messages"], tokenize=False))
     if "text" in example:
         return str(example["text"]) + (tokenizer.eos_token or "")
+    if "chosen" in example:  # a preference pair: its longer response, as DPO truncates it
+        texts = [
+            example_text({"prompt": example["prompt"], "completion": example[k]}, tokenizer)
+            for k in ("chosen", "rejected")
+        ]
+        return max(texts, key=len)
     if isinstance(example["prompt"], list):
         conversation = example["prompt"] + example["completion"]
         return str(tokenizer.apply_chat_template(conversation, tokenize=False))

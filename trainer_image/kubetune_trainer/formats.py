@@ -7,6 +7,8 @@ alpaca             instruction, input (optional), output        the output only
 chat               messages: [{role, content}, ...]             the assistant turns only
 prompt_completion  prompt, completion                           the completion only
 text               text                                         every token
+preference         prompt, chosen, rejected (text, or lists     the chosen over the rejected
+                   of messages; objective dpo)                  response (DPO)
 =================  ==========================================  ===========================
 
 Pure Python: no tokenizer needed to find a malformed record.
@@ -22,12 +24,17 @@ from kubetune_api.spec import FieldMapping
 
 from .datafiles import UnreadableJsonError, loads, shown
 
-ConcreteFormat = Literal["alpaca", "chat", "prompt_completion", "text"]
+ConcreteFormat = Literal["alpaca", "chat", "prompt_completion", "text", "preference"]
+#: The formats each objective trains on.
+OBJECTIVE_FORMATS: dict[str, tuple[ConcreteFormat, ...]] = {
+    "sft": ("alpaca", "chat", "prompt_completion", "text"),
+    "dpo": ("preference",),
+}
 ROLES = ("system", "user", "assistant")
 
 
 def detect_format(record: Mapping[str, Any], fields: FieldMapping) -> ConcreteFormat | None:
-    """The format a record's keys suggest, most specific first; None if none fits."""
+    """The format a record's keys suggest, most specific first (preference last); None if none fits."""
     keys = set(record)
     if fields.messages in keys:
         return "chat"
@@ -37,6 +44,9 @@ def detect_format(record: Mapping[str, Any], fields: FieldMapping) -> ConcreteFo
         return "alpaca"
     if fields.text in keys:
         return "text"
+    # Last: a record any supervised format fits was detected as that before preference existed.
+    if {fields.chosen, fields.rejected} <= keys:
+        return "preference"
     return None
 
 
@@ -47,15 +57,17 @@ def format_fields(fmt: ConcreteFormat, fields: FieldMapping) -> str:
         "prompt_completion": [fields.prompt, fields.completion],
         "alpaca": [fields.instruction, fields.output],
         "text": [fields.text],
+        "preference": [fields.prompt, fields.chosen, fields.rejected],
     }[fmt]
-    quoted = " and ".join(f"'{n}'" for n in names)
+    quoted = ", ".join(f"'{n}'" for n in names[:-1]) + (" and " if len(names) > 1 else "") + f"'{names[-1]}'"
     return f"field {quoted}" if len(names) == 1 else f"fields {quoted}"
 
 
 def describe_formats(fields: FieldMapping) -> str:
     return (
         f"chat ('{fields.messages}'), prompt_completion ('{fields.prompt}' + '{fields.completion}'), "
-        f"alpaca ('{fields.instruction}' + '{fields.output}'), text ('{fields.text}')"
+        f"alpaca ('{fields.instruction}' + '{fields.output}'), text ('{fields.text}'), "
+        f"preference ('{fields.prompt}' + '{fields.chosen}' + '{fields.rejected}')"
     )
 
 
@@ -70,8 +82,14 @@ def _string(record: Mapping[str, Any], name: str, *, required: bool, allow_empty
     return []
 
 
-def _messages(record: Mapping[str, Any], name: str) -> tuple[list[str], list[dict[str, str]]]:
-    """Check a ``messages`` field; CSV cells may hold it as a JSON string."""
+def _messages(
+    record: Mapping[str, Any], name: str, *, needs_assistant: bool = True
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Check a ``messages`` field; CSV cells may hold it as a JSON string.
+
+    ``needs_assistant``: a conversation to learn from has an assistant turn; a preference
+    prompt need not.
+    """
     if name not in record:
         return [f"missing '{name}'"], []
     value = record[name]
@@ -102,13 +120,43 @@ def _messages(record: Mapping[str, Any], name: str) -> tuple[list[str], list[dic
             problems.append(f"field '{at}.content' is empty")
         if isinstance(role, str) and isinstance(content, str):
             messages.append({"role": role, "content": content})
-    if not problems and not any(m["role"] == "assistant" for m in messages):
+    if needs_assistant and not problems and not any(m["role"] == "assistant" for m in messages):
         problems.append(f"field '{name}' has no assistant message to learn from")
     return problems, messages
 
 
+def _preference(record: Mapping[str, Any], fields: FieldMapping) -> tuple[list[str], dict[str, Any]]:
+    """Check a preference pair; return its problems and, when it has none, the TRL row.
+
+    The prompt's kind decides the pair's: a string prompt takes string responses, a list of
+    messages takes lists of messages (TRL's conversational preference rows, rendered with the
+    chat template). A pair whose two responses are the same teaches DPO nothing (its loss
+    gradient is zero), so it is refused like an empty response.
+    """
+    names = (fields.chosen, fields.rejected)
+    if fields.prompt in record and isinstance(record[fields.prompt], list):
+        prompt_problems, prompt = _messages(record, fields.prompt, needs_assistant=False)
+        checked = [_messages(record, name) for name in names]
+        problems = prompt_problems + [p for found, _ in checked for p in found]
+        row: dict[str, Any] = {"prompt": prompt, "chosen": checked[0][1], "rejected": checked[1][1]}
+    else:
+        problems = [p for name in (fields.prompt, *names) for p in _string(record, name, required=True)]
+        row = {
+            "prompt": record.get(fields.prompt),
+            "chosen": record.get(names[0]),
+            "rejected": record.get(names[1]),
+        }
+    if not problems and row["chosen"] == row["rejected"]:
+        problems.append(
+            f"fields '{fields.chosen}' and '{fields.rejected}' are the same: the pair prefers nothing"
+        )
+    return problems, row
+
+
 def check_record(fmt: ConcreteFormat, record: Mapping[str, Any], fields: FieldMapping) -> list[str]:
     """Every problem with one record, as ``"missing 'output'"``-style phrases."""
+    if fmt == "preference":
+        return _preference(record, fields)[0]
     if fmt == "alpaca":
         return (
             _string(record, fields.instruction, required=True)
@@ -134,8 +182,11 @@ def to_example(fmt: ConcreteFormat, record: Mapping[str, Any], fields: FieldMapp
 
     alpaca -> ``{"prompt": [user], "completion": [assistant]}`` (loss on the completion);
     chat -> ``{"messages": [...]}``; prompt_completion -> ``{"prompt": str, "completion": str}``;
-    text -> ``{"text": str}``.
+    text -> ``{"text": str}``; preference -> ``{"prompt", "chosen", "rejected"}``, strings or
+    lists of messages.
     """
+    if fmt == "preference":
+        return _preference(record, fields)[1]
     if fmt == "alpaca":
         user = alpaca_prompt(record[fields.instruction], record.get(fields.input) or "")
         return {

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from kubetune_api import coordinates, wellknown
 from kubetune_api.status import Progress, rfc3339
@@ -25,6 +25,14 @@ from kubetune_api.trainer import ReportingSpec
 log = logging.getLogger(__name__)
 #: The keys of status.progress (the API type's wire names).
 PROGRESS_FIELDS = frozenset(info.alias or name for name, info in Progress.model_fields.items())
+
+#: TRL's logged DPO metrics -> their status.progress names (and metrics.json's: dpo.REWARD_METRICS).
+REWARD_PROGRESS: Final = {
+    "rewards/accuracies": "rewardAccuracy",
+    "rewards/margins": "rewardMargin",
+    "rewards/chosen": "rewardChosen",
+    "rewards/rejected": "rewardRejected",
+}
 
 #: Connect/read timeout of one status patch, in seconds.
 PATCH_TIMEOUT_SECONDS = (3.0, 5.0)
@@ -216,8 +224,14 @@ def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> Any:
             # Forced: the final evaluation comes right after the last log and would be rate-limited away.
             if state.is_world_process_zero and metrics and "eval_loss" in metrics:
+                accuracy = _rounded(metrics.get("eval_rewards/accuracies"), 4)  # objective dpo
                 reporter.update(
-                    {"step": state.global_step, "evalLoss": _rounded(metrics["eval_loss"], 4)}, force=True
+                    {
+                        "step": state.global_step,
+                        "evalLoss": _rounded(metrics["eval_loss"], 4),
+                        **({"evalRewardAccuracy": accuracy} if accuracy is not None else {}),
+                    },
+                    force=True,
                 )
             return control
 
@@ -244,6 +258,8 @@ def progress_of(state: Any, logs: dict[str, Any]) -> dict[str, Any]:
         "loss": _rounded(logs.get("loss"), 4),
         "evalLoss": _rounded(logs.get("eval_loss"), 4),
         "learningRate": _significant(logs.get("learning_rate"), 4),
+        # objective dpo (TRL's DPO logs them; absent for sft, so not reported)
+        **{name: _rounded(logs.get(trl_name), 4) for trl_name, name in REWARD_PROGRESS.items()},
     }
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_api import wellknown
+from kubetune_api.spec import DpoSpec
 from kubetune_api.trainer import TrainerConfig
 
 from . import lossplot
@@ -143,6 +144,17 @@ def _usage_section(cfg: TrainerConfig) -> list[str]:
     return lines
 
 
+def _objective_lines(cfg: TrainerConfig, metrics: dict[str, Any]) -> list[str]:
+    """What a DPO run optimized and how it ended; nothing for sft (its card is unchanged)."""
+    if cfg.objective != "dpo":
+        return []
+    dpo = cfg.dpo or DpoSpec()
+    return [
+        f"- Objective: dpo (loss {dpo.loss_type}, beta {dpo.beta}; reference: the base model)",
+        f"- Final reward accuracy: {metrics.get('rewardAccuracy')}, margin: {metrics.get('rewardMargin')}",
+    ]
+
+
 def model_card(cfg: TrainerConfig, metrics: dict[str, Any], plot: bool = False) -> str:
     """The README.md a user reads first: what was trained, the loss curve (``plot``: loss.png was
     written) and code that loads the output as published."""
@@ -154,7 +166,7 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any], plot: bool = False) 
         "library_name: peft",
         # The hub's metadata names a hub model; an s3:// base is named in the text below.
         *([] if cfg.model.is_s3 else [f"base_model: {cfg.model.source}"]),
-        "tags: [kubetune, lora, sft, trl]",
+        f"tags: [kubetune, lora, {cfg.objective}, trl]",
         "---",
         "",
         "# LoRA adapter trained by kubetune",
@@ -167,6 +179,7 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any], plot: bool = False) 
         f"- Steps: {metrics.get('globalStep')}, epochs: {metrics.get('epoch')}, "
         f"precision: {metrics.get('precision')}",
         f"- Final train loss: {final_loss}" + (f", eval loss: {eval_loss}" if eval_loss is not None else ""),
+        *_objective_lines(cfg, metrics),
         "",
     ]
     if plot:

@@ -2,7 +2,7 @@
 
 Each stage is a named function over a :class:`RunContext`; heavy libraries (torch,
 transformers, peft, trl) are imported inside them, so a bad dataset fails in about a second.
-The TRL specifics are in :mod:`.sft`.
+The TRL specifics are in :mod:`.sft` (objective sft) and :mod:`.dpo` (objective dpo).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from . import (
     batching,
     checkpoints,
     dataset,
+    dpo,
     errors,
     hardware,
     lossplot,
@@ -53,6 +54,9 @@ SUMMARY_KEYS = (
     "batching",
     "paddingWaste",
     "dataStats",
+    "objective",
+    "rewardAccuracy",
+    "rewardMargin",
 )
 
 
@@ -132,7 +136,7 @@ def prepare_data(ctx: RunContext) -> dataset.ValidatedData:
     """Download and check every record, before any model is loaded."""
     with local_main_first():
         files = dataset.fetch(ctx.cfg.dataset, ctx.store, ctx.work_dir / "data")
-    return dataset.validate(ctx.cfg.dataset, files)
+    return dataset.validate(ctx.cfg.dataset, files, ctx.cfg.objective)
 
 
 # -- build -----------------------------------------------------------------------------------------
@@ -149,6 +153,8 @@ def plan_hardware(
     speed = throughput.plan(cfg.training, cfg.method, hw, precision, throughput.installed())
     for reason in speed.reasons:
         log.info("%s", reason)
+    if cfg.objective == "dpo":
+        speed = dpo.batching_for_dpo(speed)
     return hw, precision, gc, speed
 
 
@@ -200,7 +206,9 @@ def build(ctx: RunContext, data: dataset.ValidatedData, tracker: tracking.Tracke
     with local_main_first():
         source = modeling.resolve_source(cfg.model, ctx.store, ctx.work_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    assistant_mask = data.format == "chat" and sft.chat_uses_assistant_mask(tokenizer)
+    assistant_mask = (
+        cfg.objective == "sft" and data.format == "chat" and sft.chat_uses_assistant_mask(tokenizer)
+    )
     plan = sft.Plan(precision, hw.cuda, gc, assistant_mask, speed)
     train_rows, eval_rows = sft.to_rows(data, plan.assistant_only_loss)
     stats = dataset.token_stats(train_rows + eval_rows, tokenizer, cfg.training.max_seq_length)
@@ -211,28 +219,56 @@ def build(ctx: RunContext, data: dataset.ValidatedData, tracker: tracking.Tracke
     resume = restore_checkpoint(ctx, ckpt_root)
     sync, found = callbacks(ctx)
     found += tracker.callbacks() if tracker is not None else []
-    args = sft.sft_config(cfg.training, plan, ckpt_root)
-    peft_config = modeling.lora_config(cfg)
-    trainer = sft.build_trainer(
-        model,
-        tokenizer=tokenizer,
-        args=args,
-        datasets=datasets,
-        peft_config=peft_config,
-        callbacks=found,
-        speed=speed,
-        max_row_length=cfg.training.max_seq_length,
+    trainer = make_trainer(
+        cfg, plan, ckpt_root=ckpt_root, model=model, tokenizer=tokenizer, datasets=datasets, callbacks=found
     )
+    args = trainer.args
     hardware.check_strategy(cfg.distributed.strategy, bool(getattr(trainer, "is_fsdp_enabled", False)))
     modeling.adapter_dtype_fix(trainer.model, precision)
     if speed.batching == "padding-free":
         batching.check_rows_kept_apart(trainer.model, trainer.data_collator, speed.attn_implementation)
-    lengths = batching.row_lengths(trainer.train_dataset)
+    lengths = (dpo.pair_lengths if cfg.objective == "dpo" else batching.row_lengths)(trainer.train_dataset)
     batch_size = args.per_device_train_batch_size
     waste = batching.expected_padding_waste(speed.batching, lengths, batch_size, args.seed)
     log.info("batching: %.1f %% of the tokens in the first epoch's batches are padding", 100 * waste)
     has_eval = datasets[1] is not None
     return Built(trainer, tokenizer, source, plan, data.format, stats, has_eval, resume, sync, waste)
+
+
+def make_trainer(
+    cfg: TrainerConfig,
+    plan: sft.Plan,
+    *,
+    ckpt_root: Path,
+    model: Any,
+    tokenizer: Any,
+    datasets: tuple[Any, Any | None],
+    callbacks: list[Any],
+) -> Any:
+    """TRL's trainer for the objective: SFTTrainer, or DPOTrainer with the base model as reference."""
+    peft_config = modeling.lora_config(cfg)
+    common = {
+        "tokenizer": tokenizer,
+        "datasets": datasets,
+        "peft_config": peft_config,
+        "callbacks": callbacks,
+    }
+    if cfg.objective == "dpo":
+        args = dpo.dpo_config(cfg.training, cfg.dpo, plan, ckpt_root)
+        return dpo.build_trainer(model, args=args, speed=plan.speed, **common)
+    args = sft.sft_config(cfg.training, plan, ckpt_root)
+    return sft.build_trainer(
+        model, args=args, speed=plan.speed, max_row_length=cfg.training.max_seq_length, **common
+    )
+
+
+def objective_metrics(cfg: TrainerConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a DPO run is judged by (reward accuracy, margins, chosen and rejected rewards); for sft
+    only the objective's name."""
+    extra: dict[str, Any] = {"objective": cfg.objective}
+    if cfg.objective == "dpo":
+        extra |= dpo.reward_metrics(history)
+    return extra
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -268,6 +304,7 @@ def train(ctx: RunContext, built: Built) -> dict[str, Any]:
         "lossHistory": [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e],
         "evalLossHistory": lossplot.eval_loss_history(history),
         "totalRuntimeSeconds": round(time.monotonic() - ctx.started, 2),
+        **objective_metrics(ctx.cfg, history),
     }
 
 
