@@ -353,6 +353,38 @@ def _condition(
     return out
 
 
+def _phase(
+    spec: FineTuneSweepSpec | None,
+    trials: Sequence[Body],
+    counts: Mapping[TrialState, int],
+    top: Body | None,
+    *,
+    invalid: str | None,
+    refused: str | None,
+) -> tuple[SweepPhase, SweepReason, str]:
+    """The sweep's phase, reason and message: an invalid spec first, then whether every trial has
+    ended (with or without a best one), then a refused create, else still running."""
+    limit = trial_limit(spec) if spec is not None else len(trials)
+    ended = sum(counts[s] for s in FINISHED_TRIAL_STATES)
+    if invalid is not None:
+        return SweepPhase.FAILED, SweepReason.INVALID_SEARCH_SPACE, invalid
+    if len(trials) >= limit and counts[TrialState.RUNNING] == 0 and top is not None:
+        metric = spec.objective.metric if spec else "value"
+        given = json.dumps(top["parameters"], sort_keys=True)
+        return (
+            SweepPhase.SUCCEEDED,
+            SweepReason.COMPLETED,
+            f"best trial {top['name']}: {metric} {top['value']} with {given}",
+        )
+    if len(trials) >= limit and counts[TrialState.RUNNING] == 0:
+        message = f"none of the {len(trials)} trials reported the objective"
+        return SweepPhase.FAILED, SweepReason.ALL_TRIALS_FAILED, message
+    if refused is not None:
+        return SweepPhase.RUNNING, SweepReason.TRIAL_REFUSED, refused
+    message = f"{counts[TrialState.RUNNING]} running, {ended} of {limit} ended"
+    return SweepPhase.RUNNING, SweepReason.TRIALS_RUNNING, message
+
+
 def compute(
     sweep: Body,
     spec: FineTuneSweepSpec | None,
@@ -370,21 +402,7 @@ def compute(
     ended = sum(counts[s] for s in FINISHED_TRIAL_STATES)
     limit = trial_limit(spec) if spec is not None else len(trials)
     top = best(spec, trials) if spec is not None else None
-    if invalid is not None:
-        phase, reason, message = SweepPhase.FAILED, SweepReason.INVALID_SEARCH_SPACE, invalid
-    elif len(trials) >= limit and counts[TrialState.RUNNING] == 0 and top is not None:
-        phase, reason = SweepPhase.SUCCEEDED, SweepReason.COMPLETED
-        metric = spec.objective.metric if spec else "value"
-        given = json.dumps(top["parameters"], sort_keys=True)
-        message = f"best trial {top['name']}: {metric} {top['value']} with {given}"
-    elif len(trials) >= limit and counts[TrialState.RUNNING] == 0:
-        phase, reason = SweepPhase.FAILED, SweepReason.ALL_TRIALS_FAILED
-        message = f"none of the {len(trials)} trials reported the objective"
-    elif refused is not None:
-        phase, reason, message = SweepPhase.RUNNING, SweepReason.TRIAL_REFUSED, refused
-    else:
-        phase, reason = SweepPhase.RUNNING, SweepReason.TRIALS_RUNNING
-        message = f"{counts[TrialState.RUNNING]} running, {ended} of {limit} ended"
+    phase, reason, message = _phase(spec, trials, counts, top, invalid=invalid, refused=refused)
     terminal = phase != SweepPhase.RUNNING
     out: Obj = {
         "phase": str(phase),
