@@ -229,6 +229,28 @@ def _fits(parameters: Mapping[str, Any], dists: Mapping[str, BaseDistribution]) 
         return False
 
 
+def rung_attrs(spec: FineTuneSweepSpec, steps: Mapping[int, float]) -> dict[str, Any]:
+    """The rungs a recorded trial reached, as Optuna's SuccessiveHalvingPruner stores them on a
+    trial (``completed_rung_<r>``: the value it reported at the rung's step or the first after).
+
+    The pruner compares a running trial with these attributes of every other trial; a study rebuilt
+    from status would otherwise hold none for the finished trials, and a running trial would be
+    judged only against the other running ones.
+    """
+    if spec.pruner is None or spec.pruner.type != "successive-halving" or not steps:
+        return {}
+    ordered = sorted(steps.items())
+    out: dict[str, Any] = {}
+    rung = 0
+    while True:
+        resource = spec.pruner.min_resource * spec.pruner.reduction_factor**rung
+        reached = next((value for step, value in ordered if step >= resource), None)
+        if reached is None:
+            return out
+        out[f"completed_rung_{rung}"] = reached
+        rung += 1
+
+
 def rebuild_study(
     spec: FineTuneSweepSpec, trials: Sequence[Body], seed: int
 ) -> tuple[optuna.Study, dict[str, optuna.Trial]]:
@@ -279,6 +301,7 @@ def rebuild_study(
                 params=dict(parameters),
                 distributions=dists,
                 intermediate_values=steps,
+                system_attrs=rung_attrs(spec, steps),
             )
         )
     return study, running

@@ -179,14 +179,6 @@ def test_median_pruner_respects_the_direction() -> None:
     assert sweep.to_prune(maximize, [done, high, low]) == ["s-2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known gap (reported): Optuna's SuccessiveHalvingPruner reads each trial's completed_rung_N"
-        " system attribute, which rebuild_study does not restore for finished trials, so a rebuilt"
-        " study compares a running trial only with the other running ones"
-    ),
-)
 def test_successive_halving_stops_the_worse_trials_at_a_rung() -> None:
     sh = spec(pruner={"type": "successive-halving", "minResource": 1, "reductionFactor": 2})
     finished = [
@@ -196,6 +188,14 @@ def test_successive_halving_stops_the_worse_trials_at_a_rung() -> None:
     worst = record(4, "Running", 5e-2, 9.0, intermediateValues=points((1, 9.0)))
     best_so_far = record(5, "Running", 6e-2, 0.05, intermediateValues=points((1, 0.05)))
     assert sweep.to_prune(sh, [*finished, worst, best_so_far]) == ["s-4"]
+    # Judged against the finished trials' rungs, not only the running ones: alone, it is still pruned.
+    assert sweep.to_prune(sh, [*finished, worst]) == ["s-4"]
+    assert sweep.rung_attrs(sh, {1: 0.3, 2: 0.2, 5: 0.1}) == {
+        "completed_rung_0": 0.3,
+        "completed_rung_1": 0.2,
+        "completed_rung_2": 0.1,
+    }
+    assert sweep.rung_attrs(spec(), {1: 0.3}) == {}  # no successive halving: no rungs
 
 
 @pytest.mark.parametrize(
