@@ -240,6 +240,13 @@ def _sweep_reference() -> list[str]:
         "",
         *_table(status_rows),
         "",
+        *_sweep_states_reference(),
+    ]
+
+
+def _sweep_states_reference() -> list[str]:
+    """The sweep's phases, trial states, condition types and reasons, as tables."""
+    return [
         "## Sweep phases",
         "",
         "| phase | meaning |",

@@ -185,6 +185,16 @@ class TrainingRates:
         }
 
 
+def evaluation_progress(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The progress fields of one evaluation: the eval loss, and DPO's eval reward accuracy."""
+    accuracy = _rounded(metrics.get("eval_rewards/accuracies"), 4)  # objective dpo
+    return {
+        "step": step,
+        "evalLoss": _rounded(metrics["eval_loss"], 4),
+        **({"evalRewardAccuracy": accuracy} if accuracy is not None else {}),
+    }
+
+
 def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable[[], str | None]) -> Any:
     """A TrainerCallback feeding ``reporter`` from the Trainer's logs (rank 0 reports)."""
     from transformers import TrainerCallback
@@ -224,15 +234,7 @@ def make_progress_callback(reporter: ProgressReporter, last_checkpoint: Callable
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> Any:
             # Forced: the final evaluation comes right after the last log and would be rate-limited away.
             if state.is_world_process_zero and metrics and "eval_loss" in metrics:
-                accuracy = _rounded(metrics.get("eval_rewards/accuracies"), 4)  # objective dpo
-                reporter.update(
-                    {
-                        "step": state.global_step,
-                        "evalLoss": _rounded(metrics["eval_loss"], 4),
-                        **({"evalRewardAccuracy": accuracy} if accuracy is not None else {}),
-                    },
-                    force=True,
-                )
+                reporter.update(evaluation_progress(state.global_step, metrics), force=True)
             return control
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
