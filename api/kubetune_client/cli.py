@@ -8,10 +8,6 @@ Errors go to stderr as one ``kubetune: error: ...`` line and exit with a code pe
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -24,8 +20,21 @@ from kubetune_api.reasons import Phase
 from kubetune_api.resource import FineTuneJob
 from kubetune_api.spec import FineTuneJobSpec
 
-from . import render
-from .client import Client, load_manifest, to_resource
+from . import cli_sweep, render
+from .cli_common import (
+    AwsProfile,
+    Context,
+    Kubeconfig,
+    Namespace,
+    Output,
+    OutputFormat,
+    S3Endpoint,
+    _client,
+    _console,
+    _print_json,
+    errors_to_exit_codes,
+)
+from .client import load_manifest, to_resource
 from .errors import InvalidSpecError, JobCancelledError, JobFailedError, KubetuneError
 from .job import Job
 from .validate import validate_files
@@ -47,26 +56,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-#: ``kubetune sweep ...``: its commands are in :mod:`.cli_sweep`, imported at the end of this module.
-sweep_app = typer.Typer(
-    help=(
-        "Hyperparameter sweeps (FineTuneSweep): each trial an ordinary FineTuneJob, chosen by Optuna.\n\n"
-        "Example: kubetune sweep run -f examples/finetunesweep.yaml --watch"
-    ),
-    no_args_is_help=True,
-)
-app.add_typer(sweep_app, name="sweep")
-
-
-def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
-
-
-class OutputFormat(StrEnum):
-    table = "table"
-    json = "json"
+app.add_typer(cli_sweep.sweep_app, name="sweep")
 
 
 class Format(StrEnum):
@@ -84,62 +74,7 @@ class MethodChoice(StrEnum):
     lora = "lora"
 
 
-Kubeconfig = Annotated[
-    Path | None, typer.Option("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, ~/.kube/config).")
-]
-Context = Annotated[
-    str | None, typer.Option("--context", help="kubeconfig context (default: its current one).")
-]
-Namespace = Annotated[
-    str | None,
-    typer.Option("--namespace", "-n", help="Namespace (default: the context's, else default)."),
-]
-S3Endpoint = Annotated[
-    str | None,
-    typer.Option(
-        "--s3-endpoint",
-        envvar="KUBETUNE_S3_ENDPOINT",
-        help="Object-storage URL to use instead of spec.storage.endpoint (when this machine reaches "
-        "the store at another address than the trainer pod).",
-    ),
-]
-AwsProfile = Annotated[
-    str | None, typer.Option("--aws-profile", help="AWS profile for object storage (default: boto3's chain).")
-]
-Output = Annotated[OutputFormat, typer.Option("--output", "-o", help="table (for people) or json.")]
 Name = Annotated[str, typer.Argument(help="Name of the FineTuneJob.")]
-
-
-def _client(
-    kubeconfig: Path | None,
-    context: str | None,
-    namespace: str | None,
-    s3_endpoint: str | None = None,
-    aws_profile: str | None = None,
-) -> Client:
-    return Client(kubeconfig, context, namespace, s3_endpoint=s3_endpoint, aws_profile=aws_profile)
-
-
-def _fail(exc: KubetuneError) -> typer.Exit:
-    _console(stderr=True).print(f"kubetune: error: {exc}", markup=False)
-    return typer.Exit(int(exc.exit_code))
-
-
-def errors_to_exit_codes(command: Callable[P, R]) -> Callable[P, R]:
-    """Print a :class:`KubetuneError` as one line on stderr and exit with its code."""
-
-    @functools.wraps(command)
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return command(*args, **kwargs)
-        except KubetuneError as exc:
-            raise _fail(exc) from exc
-
-    return run
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -517,8 +452,3 @@ def validate(
         _console().print(
             f"{file}: valid, {report.train_records} records{extra}, format {report.format}", markup=False
         )
-
-
-# -- sweep ------------------------------------------------------------------------------------
-# Registers ``kubetune sweep run/status/list`` on sweep_app; last, because it reads this module.
-from . import cli_sweep  # noqa: E402, F401

@@ -1,7 +1,7 @@
 """``kubetune sweep``: start a FineTuneSweep, follow it, show its trials and best trial.
 
-Registered on :data:`kubetune_client.cli.sweep_app` (``cli`` imports this module at its end); kept
-apart so the FineTuneJob commands' module does not grow a second resource's commands.
+:data:`sweep_app` is added to the ``kubetune`` app by :mod:`.cli`; kept apart so the FineTuneJob
+commands' module does not grow a second resource's commands. Shared options: :mod:`.cli_common`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 from kubetune_api.sweep import KIND
 
 from . import render_sweep
-from .cli import (
+from .cli_common import (
     Context,
     Kubeconfig,
     Namespace,
@@ -24,11 +24,19 @@ from .cli import (
     _console,
     _print_json,
     errors_to_exit_codes,
-    sweep_app,
 )
 from .errors import SweepFailedError
 from .render import key_value_table
 from .sweep import Sweep, load_sweep_manifest, submit_sweep
+
+#: ``kubetune sweep ...`` (:mod:`.cli` adds it to the ``kubetune`` app).
+sweep_app = typer.Typer(
+    help=(
+        "Hyperparameter sweeps (FineTuneSweep): each trial an ordinary FineTuneJob, chosen by Optuna.\n\n"
+        "Example: kubetune sweep run -f examples/finetunesweep.yaml --watch"
+    ),
+    no_args_is_help=True,
+)
 
 SweepName = Annotated[str, typer.Argument(help="Name of the FineTuneSweep.")]
 Timeout = Annotated[float | None, typer.Option(help="With --watch: give up after this many seconds.")]
