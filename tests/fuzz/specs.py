@@ -238,8 +238,19 @@ def _rule_of(alias: Any) -> FieldRule:
     return next(m for m in get_args(alias)[1:] if isinstance(m, FieldRule))
 
 
+def _last_rule(model: type[ApiModel], field: str) -> FieldRule:
+    """The FieldRule a field's Bounds keeps (the last of its annotations)."""
+    return [m for m in model.model_fields[field].metadata if isinstance(m, FieldRule)][-1]
+
+
+#: URLs with credentials in them: refused by the tracking URI's own rule.
+NEAR_TRACKING_URI: Strategy = st.one_of(
+    NEAR_ENDPOINT, st.sampled_from(["https://user:secret@mlflow.example", "http://token@mlflow:5000/"])
+)
+
 #: Every string with a syntax in the API, by its pattern or its FieldRule.
 STRING_KINDS: dict[Any, Kind] = {
+    _last_rule(api.MlflowSpec, "tracking_uri"): Kind(ENDPOINTS, NEAR_TRACKING_URI),
     api.S3_URI_RULE: Kind(S3_URIS, NEAR_S3),
     api.OBJECT_NAME_RULE: Kind(DNS_SUBDOMAINS, NEAR_DNS),
     api.RESOURCE_NAME_RULE: Kind(RESOURCE_NAMES, NEAR_RESOURCE),

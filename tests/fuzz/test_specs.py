@@ -99,7 +99,8 @@ def unclear_refusals(err: ValidationError) -> list[str]:
             loc = loc[:-1]
         if not names_a_field(FineTuneJobSpec, loc):
             bad.append(f"path names no field: {line}")
-        elif rendered_path and not re.match(r"^\S+: \S", line):
+        # A map key in the path ("podLabels[a b]") is the user's own text: it may hold spaces.
+        elif rendered_path and not re.match(r"^\S+: \S", re.sub(r"\[[^\]]*\]", "[key]", line)):
             bad.append(f"not 'path: message': {line}")
         elif not rendered_path and item["type"] != "model_type":  # only "the spec must be an object"
             bad.append(f"no path: {line}")
