@@ -125,7 +125,8 @@ def check_children(spec: FineTuneJobSpec, raw: Json, name: str, egress: bool) ->
         path = Path(tmp) / wellknown.CONFIG_KEY
         path.write_text(config_map["data"][wellknown.CONFIG_KEY], encoding="utf-8")
         parsed = _load_config(str(path))  # the trainer's own parse (InvalidConfigError if refused)
-    assert parsed == TrainerConfig.from_spec(spec, ReportingSpec(namespace=NAMESPACE, name=name))
+    reporting = ReportingSpec(namespace=NAMESPACE, name=name, uid=ftj["metadata"]["uid"])
+    assert parsed == TrainerConfig.from_spec(spec, reporting)
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == (spec.image or DEFAULT_IMAGE)
 
