@@ -22,11 +22,11 @@ HEADER = (
 )
 
 
-def _root_schema() -> Schema:
-    root, _ = schema_of(FineTuneJob)
+def _object_schema(resource: Any, spec: Schema, status_model: Any) -> Schema:
+    """A custom resource's root schema: apiVersion, kind, metadata, ``spec`` and its status."""
+    root, _ = schema_of(resource)
     props = root["properties"]
-    spec_schema, spec_defs = schema_of(FineTuneJobSpec)
-    status_schema, status_defs = schema_of(FineTuneJobStatus)
+    status_schema, status_defs = schema_of(status_model)
     return {
         "type": "object",
         "description": description(root["description"]),
@@ -36,44 +36,55 @@ def _root_schema() -> Schema:
             "apiVersion": {"type": "string", "description": props["apiVersion"]["description"]},
             "kind": {"type": "string", "description": props["kind"]["description"]},
             "metadata": {"type": "object"},
-            "spec": structural(spec_schema, spec_defs, ""),
+            "spec": spec,
             "status": structural(status_schema, status_defs, ""),
         },
     }
 
 
-def finetunejob_crd() -> dict[str, Any]:
-    """The CRD document, ready to dump as YAML."""
+def _crd(name: str, names: dict[str, Any], resource: Any, schema: Schema) -> dict[str, Any]:
+    """A namespaced CRD with one served version, a status subresource and the resource's columns."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": coordinates.CRD_NAME,
+            "name": name,
             "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/component": "crd"},
         },
         "spec": {
             "group": coordinates.GROUP,
             "scope": "Namespaced",
-            "names": {
-                "kind": coordinates.KIND,
-                "listKind": coordinates.LIST_KIND,
-                "plural": coordinates.PLURAL,
-                "singular": coordinates.SINGULAR,
-                "shortNames": list(coordinates.SHORT_NAMES),
-                "categories": list(coordinates.CATEGORIES),
-            },
+            "names": names,
             "versions": [
                 {
                     "name": coordinates.VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [column.as_crd() for column in FineTuneJob.printer_columns],
-                    "schema": {"openAPIV3Schema": _root_schema()},
+                    "additionalPrinterColumns": [column.as_crd() for column in resource.printer_columns],
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
+
+
+def _root_schema() -> Schema:
+    spec_schema, spec_defs = schema_of(FineTuneJobSpec)
+    return _object_schema(FineTuneJob, structural(spec_schema, spec_defs, ""), FineTuneJobStatus)
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    """The CRD document, ready to dump as YAML."""
+    names = {
+        "kind": coordinates.KIND,
+        "listKind": coordinates.LIST_KIND,
+        "plural": coordinates.PLURAL,
+        "singular": coordinates.SINGULAR,
+        "shortNames": list(coordinates.SHORT_NAMES),
+        "categories": list(coordinates.CATEGORIES),
+    }
+    return _crd(coordinates.CRD_NAME, names, FineTuneJob, _root_schema())
 
 
 # -- FineTuneSweep ---------------------------------------------------------------------------------
@@ -110,10 +121,7 @@ def _without_transition_rules(schema: Schema) -> Schema:
 def _sweep_root_schema() -> Schema:
     from .sweep import FineTuneSweep, FineTuneSweepSpec, FineTuneSweepStatus
 
-    root, _ = schema_of(FineTuneSweep)
-    props = root["properties"]
     spec_schema, spec_defs = schema_of(FineTuneSweepSpec)
-    status_schema, status_defs = schema_of(FineTuneSweepStatus)
     spec = structural(spec_schema, spec_defs, "")
     template = spec["properties"]["template"]
     own = [
@@ -122,54 +130,19 @@ def _sweep_root_schema() -> Schema:
     template = _without_transition_rules(template)
     template["x-kubernetes-validations"] = [*template.get("x-kubernetes-validations", []), *own]
     spec["properties"]["template"] = template
-    return {
-        "type": "object",
-        "description": description(root["description"]),
-        "required": ["spec"],
-        "x-kubernetes-validations": [rule_ordered(rule) for rule in root["x-kubernetes-validations"]],
-        "properties": {
-            "apiVersion": {"type": "string", "description": props["apiVersion"]["description"]},
-            "kind": {"type": "string", "description": props["kind"]["description"]},
-            "metadata": {"type": "object"},
-            "spec": spec,
-            "status": structural(status_schema, status_defs, ""),
-        },
-    }
+    return _object_schema(FineTuneSweep, spec, FineTuneSweepStatus)
 
 
 def finetunesweep_crd() -> dict[str, Any]:
     """The FineTuneSweep CRD document, ready to dump as YAML."""
     from . import sweep
 
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": sweep.CRD_NAME,
-            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/component": "crd"},
-        },
-        "spec": {
-            "group": coordinates.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": sweep.KIND,
-                "listKind": sweep.LIST_KIND,
-                "plural": sweep.PLURAL,
-                "singular": sweep.SINGULAR,
-                "shortNames": list(sweep.SHORT_NAMES),
-                "categories": list(coordinates.CATEGORIES),
-            },
-            "versions": [
-                {
-                    "name": coordinates.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        column.as_crd() for column in sweep.FineTuneSweep.printer_columns
-                    ],
-                    "schema": {"openAPIV3Schema": _sweep_root_schema()},
-                }
-            ],
-        },
+    names = {
+        "kind": sweep.KIND,
+        "listKind": sweep.LIST_KIND,
+        "plural": sweep.PLURAL,
+        "singular": sweep.SINGULAR,
+        "shortNames": list(sweep.SHORT_NAMES),
+        "categories": list(coordinates.CATEGORIES),
     }
+    return _crd(sweep.CRD_NAME, names, sweep.FineTuneSweep, _sweep_root_schema())
