@@ -36,7 +36,6 @@ from typing import Any
 
 import urllib3
 
-from kubetune_api.crd import SWEEP_CRD_FILE
 from kubetune_api.sweep import MAX_TRIALS, FineTuneSweepSpec
 from kubetune_localenv import stack
 from kubetune_localenv.cluster import LocalEnv
@@ -45,7 +44,6 @@ from kubetune_operator.kube import FINETUNEJOBS, PODS, Kube, KubeError
 from kubetune_operator.sweep_reconcile import SWEEPS
 
 COMMAND = "python bench/bench_sweep_scale.py"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "sweep"
 NAME = "scale"
 LR = "training.learningRate"
@@ -232,11 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         env = LocalEnv(Path(tmp), with_s3=False)
         env.start()
         try:
-            stack.install_crd(env)
-            env.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / SWEEP_CRD_FILE))
-            env.kubectl(
-                "wait", "--for=condition=Established", "crd/finetunesweeps.kubetune.dev", "--timeout=60s"
-            )
+            stack.install_crd(env)  # both CRDs
             stack.ensure_namespace(env, NAMESPACE)
             stack.start_operator(env, [NAMESPACE])
             kube = Kube.connect(env.kubeconfig)

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune_api import coordinates, crd
+from kubetune_api import coordinates, crd, sweep
 
 from . import tinymodel, tools
 from .cluster import LocalEnv, ManagedProcess, pick_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO_ROOT / crd.CRD_FILE
+SWEEP_CRD_FILE = REPO_ROOT / crd.SWEEP_CRD_FILE
 CHART_DIR = REPO_ROOT / "charts" / "kubetune"
 TINY_JOB_TEMPLATE = REPO_ROOT / "examples" / "local" / "finetunejob-tiny.yaml"
 CREDENTIALS_SECRET = "s3-credentials"
@@ -108,8 +109,11 @@ def install_with_helm(env: LocalEnv, namespace: str = "kubetune-system") -> str:
 
 
 def install_crd(env: LocalEnv) -> None:
-    env.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-    env.kubectl("wait", "--for=condition=Established", f"crd/{coordinates.CRD_NAME}", "--timeout=60s")
+    """Both kubetune CRDs (FineTuneJob, FineTuneSweep), before any operator starts: kopf serves a
+    CRD created after it started only once its observer notices it (trials were lost for a minute)."""
+    for path, name in ((CRD_FILE, coordinates.CRD_NAME), (SWEEP_CRD_FILE, sweep.CRD_NAME)):
+        env.kubectl("apply", "--server-side", "-f", str(path))
+        env.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
 
 
 def s3_client(env: LocalEnv) -> Any:

@@ -14,14 +14,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from kubetune_api.crd import SWEEP_CRD_FILE
-from kubetune_api.sweep import CRD_NAME as SWEEP_CRD_NAME
 from kubetune_client.cli import app
 from kubetune_localenv import stack
 from kubetune_localenv.agents import start_agent
 from kubetune_localenv.cluster import LocalEnv
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +27,7 @@ def client_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
     env.extra_start.append(lambda e: start_agent(e, gpus=0))
     env.start()
     try:
-        stack.install_crd(env)
-        # The sweep CRD before the operator: kopf serves a CRD created later only once its
-        # observer notices it, which lost trials for a minute in tests/client/test_client_sweep.py.
-        env.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / SWEEP_CRD_FILE))
-        env.kubectl("wait", "--for=condition=Established", f"crd/{SWEEP_CRD_NAME}", "--timeout=60s")
+        stack.install_crd(env)  # both CRDs, before the operator
         stack.start_operator(env)
         yield env
     finally:

@@ -17,8 +17,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kubetune_api.crd import SWEEP_CRD_FILE
-from kubetune_api.sweep import CRD_NAME as SWEEP_CRD_NAME
 from kubetune_client.cli import app
 from kubetune_localenv import stack
 from kubetune_localenv.agents import start_agent
@@ -26,7 +24,6 @@ from kubetune_localenv.cluster import LocalEnv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Two trials of 8 steps each on CPU, run side by side.
 SWEEP_TIMEOUT = 900.0
 CHOICES = [1e-3, 1e-2]
@@ -39,9 +36,7 @@ def sweep_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
     env.extra_start.append(lambda e: start_agent(e, gpus=0))
     env.start()
     try:
-        stack.install_crd(env)
-        env.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / SWEEP_CRD_FILE))
-        env.kubectl("wait", "--for=condition=Established", f"crd/{SWEEP_CRD_NAME}", "--timeout=60s")
+        stack.install_crd(env)  # both CRDs, before the operator
         stack.start_operator(env)
         yield env
     finally:
