@@ -76,10 +76,33 @@ SEED_MAX = 2**32 - 1
 ENDPOINT_PATTERN = r"^https?://[!-.0-~]+(/.*)?$"
 
 
-DatasetFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text", "preference"]
-Method = Literal["qlora", "lora"]
-#: What training optimizes. orpo, kto and reward are not offered yet (docs/trainer.md, "Objectives").
-Objective = Literal["sft", "dpo"]
+DatasetFormat = Literal[
+    "auto",
+    "alpaca",
+    "chat",
+    "prompt_completion",
+    "text",
+    "preference",
+    "unpaired_preference",
+    "classification",
+]
+#: The supervised (causal LM) formats: objective sft on task causal-lm.
+SUPERVISED_FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+#: Which parameters train. qlora and lora: a LoRA adapter (on a 4-bit base for qlora); full: every
+#: weight; freeze: only the named modules or the last layers; prompt-tuning and prefix-tuning:
+#: virtual tokens (peft), the model's weights unchanged.
+Method = Literal["qlora", "lora", "full", "freeze", "prompt-tuning", "prefix-tuning"]
+#: The methods that train a LoRA adapter (the only ones quantization and mergeAdapter apply to).
+LORA_METHODS = ("qlora", "lora")
+#: The methods that train virtual tokens (peft prompt learning).
+PROMPT_LEARNING_METHODS = ("prompt-tuning", "prefix-tuning")
+#: What training optimizes (docs/trainer.md, "Objectives").
+Objective = Literal["sft", "dpo", "orpo", "kto", "reward"]
+#: The objectives that train on preference pairs (dataset.format preference).
+PAIRED_PREFERENCE_OBJECTIVES = ("dpo", "orpo", "reward")
+#: What the model is for: causal-lm generates text; sequence-classification puts a classification
+#: head on the base model and trains it on labelled text.
+Task = Literal["causal-lm", "sequence-classification"]
 #: TRL's DPO loss types that kubetune offers (DPOConfig.loss_type; each needs no setting of its own).
 DpoLossType = Literal["sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down"]
 QuantType = Literal["nf4", "fp4"]
@@ -355,15 +378,21 @@ class FieldMapping(ApiModel):
     messages: ColumnName = "messages"
     """Column holding the list of chat messages (chat)."""
     prompt: ColumnName = "prompt"
-    """Column holding the prompt (prompt_completion)."""
+    """Column holding the prompt (prompt_completion, preference, unpaired_preference)."""
     completion: ColumnName = "completion"
-    """Column holding the completion (prompt_completion)."""
+    """Column holding the completion (prompt_completion, unpaired_preference)."""
     text: ColumnName = "text"
-    """Column holding the raw text (text)."""
+    """Column holding the raw text (text), or the text to classify (classification)."""
     chosen: ColumnName = "chosen"
     """Column holding the preferred response (preference; the prompt is the prompt column)."""
     rejected: ColumnName = "rejected"
     """Column holding the dispreferred response (preference)."""
+    label: ColumnName = "label"
+    """Column holding the label: a boolean, true for a desirable completion (unpaired_preference),
+    or a class name or index (classification)."""
+    text_pair: ColumnName = "text_pair"
+    """Column holding the optional second text of a pair to classify (classification), e.g. the
+    hypothesis of an entailment pair."""
 
 
 class DatasetSpec(ApiModel):
@@ -388,8 +417,10 @@ class DatasetSpec(ApiModel):
     format: DatasetFormat = "auto"
     """Record format. alpaca: instruction/input/output; chat: a list of {role, content} messages;
     prompt_completion: prompt/completion; text: raw text; preference: prompt/chosen/rejected (text,
-    or lists of {role, content} messages), for objective dpo; auto: detected from the first
-    records."""
+    or lists of {role, content} messages), for objectives dpo, orpo and reward;
+    unpaired_preference: prompt/completion/label (true for a desirable completion), for objective
+    kto; classification: text (and an optional text_pair) with a label, for task
+    sequence-classification; auto: detected from the first records."""
     field_mapping: FieldMapping = FieldMapping()
     """Column names in the dataset for each role the format uses, when they differ from the defaults."""
     max_reported_errors: int = Field(default=20, ge=1, le=1000)
@@ -399,8 +430,10 @@ class DatasetSpec(ApiModel):
 class QuantizationSpec(ApiModel):
     """How the base model is quantized while training (bitsandbytes)."""
 
-    bits: Literal[4, 8, 16] = 4
-    """Weight precision of the frozen base model; 16 means no quantization. qlora needs 4."""
+    bits: Literal[4, 8, 16] | None = None
+    """Weight precision of the frozen base model; 16 means no quantization. Unset: 4 for method
+    qlora (which needs 4), 16 for every other method. lora takes 8 or 16; full, freeze,
+    prompt-tuning and prefix-tuning train unquantized (unset or 16)."""
     quant_type: QuantType = "nf4"
     """4-bit data type."""
     double_quant: bool = True
@@ -531,6 +564,104 @@ class DpoSpec(ApiModel):
     overfitting on deterministic preferences; hinge: SLiC's; sigmoid_norm: sigmoid over
     length-normalized log-probabilities; apo_zero and apo_down: anchored preference optimization,
     when the chosen responses are better (apo_zero) or worse (apo_down) than the model's own."""
+
+
+class OrpoSpec(ApiModel):
+    """Odds ratio preference optimization (TRL's ORPOTrainer); only with objective orpo."""
+
+    beta: float = Field(default=0.1, gt=0.0, le=100.0)
+    """Weight of the odds-ratio (preference) term against the supervised loss on the chosen
+    responses (the ORPO paper's lambda)."""
+
+
+class KtoSpec(ApiModel):
+    """Kahneman-Tversky optimization (TRL's KTOTrainer); only with objective kto."""
+
+    beta: float = Field(default=0.1, gt=0.0, le=100.0)
+    """How far the trained model may move from the reference (the frozen base model): higher stays
+    closer."""
+    desirable_weight: float = Field(default=1.0, gt=0.0, le=100.0)
+    """Weight of the desirable (label true) examples' loss. With unbalanced data, keep
+    desirableWeight x desirable count / (undesirableWeight x undesirable count) between 1 and 4/3."""
+    undesirable_weight: float = Field(default=1.0, gt=0.0, le=100.0)
+    """Weight of the undesirable (label false) examples' loss."""
+
+
+class ClassificationSpec(ApiModel):
+    """The labels of task sequence-classification."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.labels) || self.labels.all(l, self.labels.exists_one(m, m == l))",
+            message="classification.labels must name each label once",
+            field_path=".labels",
+            check=lambda c: c.labels is None or len(set(c.labels)) == len(c.labels),
+        ),
+    )
+
+    labels: tuple[Annotated[str, Field(min_length=1, max_length=128)], ...] | None = Field(
+        default=None, min_length=2, max_length=256
+    )
+    """The class names, in index order (an integer label is an index into this list). Unset: the
+    sorted distinct labels of the training data. A validation label outside the set is an error."""
+
+
+class FreezeSpec(ApiModel):
+    """Which parameters method freeze trains; every other one stays frozen."""
+
+    cel_rules = (
+        Rule(
+            cel="has(self.trainableModules) != has(self.trainableLayers)",
+            message="freeze needs exactly one of trainableModules and trainableLayers",
+            field_path=".trainableModules",
+            check=lambda f: (f.trainable_modules is None) != (f.trainable_layers is None),
+        ),
+    )
+
+    trainable_modules: tuple[Annotated[str, Field(min_length=1, max_length=128)], ...] | None = Field(
+        default=None, min_length=1, max_length=64
+    )
+    """Module names to train: a parameter trains when its dotted name contains one of them as
+    whole parts (lm_head, norm, mlp.down_proj, layers.23). The job fails before training when one
+    matches nothing."""
+    trainable_layers: int | None = Field(default=None, ge=1, le=1024)
+    """Train the last this many transformer layers (all their weights); the embeddings, the
+    other layers and the output head stay frozen. At most the model's number of layers."""
+
+
+class PromptTuningSpec(ApiModel):
+    """Prompt tuning (peft): trained virtual-token embeddings put before every input."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024)
+    """How many virtual tokens to train."""
+    init_text: str | None = Field(default=None, min_length=1, max_length=4096)
+    """Text whose token embeddings start the virtual tokens (e.g. "Classify the sentiment:");
+    unset: random initialization."""
+
+
+class PrefixTuningSpec(ApiModel):
+    """Prefix tuning (peft): trained key/value prefixes in every attention layer."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024)
+    """Length of the prefix, in virtual tokens."""
+    projection: bool = False
+    """Reparameterize the prefix through a small MLP while training (the prefix-tuning paper's
+    trick for stabler training); the saved adapter is the same size."""
+
+
+class EvaluationSpec(ApiModel):
+    """What the trainer generates after training, for people to read (task causal-lm)."""
+
+    sample_prompts: tuple[Annotated[str, Field(min_length=1, max_length=4096)], ...] | None = Field(
+        default=None, min_length=1, max_length=64
+    )
+    """Prompts to answer with and without the trained weights, written to samples.jsonl in the
+    output (the first few in the model card). Unset: up to numSamples prompts from the validation
+    data (none without validation data)."""
+    num_samples: int = Field(default=4, ge=0, le=64)
+    """How many validation prompts to sample when samplePrompts is unset; 0: no samples."""
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    """Longest generated answer, in tokens (greedy decoding)."""
 
 
 class OutputSpec(ApiModel):
@@ -941,12 +1072,90 @@ def _has_eval_data(dataset: DatasetSpec) -> bool:
     return dataset.validation is not None or dataset.validation_split > 0
 
 
+def quantization_bits(method: Method, quantization: QuantizationSpec) -> int:
+    """The base model's weight precision a run trains with: quantization.bits, else the method's
+    default (4 for qlora, 16 for every other method)."""
+    if quantization.bits is not None:
+        return quantization.bits
+    return 4 if method == "qlora" else 16
+
+
+def _cel_in(expr: str, values: tuple[str, ...]) -> str:
+    """CEL for "``expr`` is one of ``values``"."""
+    return "(" + " || ".join(f"{expr} == '{v}'" for v in values) + ")"
+
+
 #: Cross-section rules, shared by the spec and the trainer config (both have these sections).
 QLORA_NEEDS_4BIT = Rule(
-    cel="self.method != 'qlora' || self.quantization.bits == 4",
+    cel="self.method != 'qlora' || !has(self.quantization.bits) || self.quantization.bits == 4",
     message="quantization.bits must be 4 when method is qlora (use method lora for 8 or 16 bits)",
     field_path=".quantization.bits",
-    check=lambda s: s.method != "qlora" or s.quantization.bits == 4,
+    check=lambda s: s.method != "qlora" or s.quantization.bits in (None, 4),
+)
+QUANTIZATION_NEEDS_LORA = Rule(
+    cel=(
+        f"{_cel_in('self.method', LORA_METHODS)} ||"
+        " !has(self.quantization.bits) || self.quantization.bits == 16"
+    ),
+    message=(
+        "quantization applies to methods qlora and lora only (full, freeze, prompt-tuning and"
+        " prefix-tuning train on unquantized weights): remove quantization.bits, or use method lora"
+    ),
+    field_path=".quantization.bits",
+    check=lambda s: s.method in LORA_METHODS or s.quantization.bits in (None, 16),
+)
+MERGE_NEEDS_LORA = Rule(
+    cel=f"!self.output.mergeAdapter || {_cel_in('self.method', LORA_METHODS)}",
+    message=(
+        "output.mergeAdapter merges a LoRA adapter (methods qlora and lora): full and freeze already"
+        " write a complete model, and prompt or prefix tuning has no weights to merge; set it to false"
+    ),
+    field_path=".output.mergeAdapter",
+    check=lambda s: not s.output.merge_adapter or s.method in LORA_METHODS,
+)
+FREEZE_NEEDS_SELECTION = Rule(
+    cel="(self.method == 'freeze') == has(self.freeze)",
+    message=(
+        "method freeze trains what the freeze section names, and the freeze section is for method"
+        " freeze only: set both (freeze.trainableModules or freeze.trainableLayers), or neither"
+    ),
+    field_path=".freeze",
+    check=lambda s: (s.method == "freeze") == (s.freeze is not None),
+)
+PROMPT_TUNING_SETTINGS = Rule(
+    cel="!has(self.promptTuning) || self.method == 'prompt-tuning'",
+    message="promptTuning settings apply to method prompt-tuning only: set method, or remove the section",
+    field_path=".promptTuning",
+    check=lambda s: s.prompt_tuning is None or s.method == "prompt-tuning",
+)
+PREFIX_TUNING_SETTINGS = Rule(
+    cel="!has(self.prefixTuning) || self.method == 'prefix-tuning'",
+    message="prefixTuning settings apply to method prefix-tuning only: set method, or remove the section",
+    field_path=".prefixTuning",
+    check=lambda s: s.prefix_tuning is None or s.method == "prefix-tuning",
+)
+PROMPT_LEARNING_NEEDS_SFT = Rule(
+    cel=(
+        f"!{_cel_in('self.method', PROMPT_LEARNING_METHODS)} ||"
+        " (self.objective == 'sft' && self.task == 'causal-lm')"
+    ),
+    message=(
+        "methods prompt-tuning and prefix-tuning train with objective sft on task causal-lm only:"
+        " use method lora for the other objectives and for classification"
+    ),
+    field_path=".method",
+    check=lambda s: (
+        s.method not in PROMPT_LEARNING_METHODS or (s.objective == "sft" and s.task == "causal-lm")
+    ),
+)
+METHOD_RULES = (
+    QLORA_NEEDS_4BIT,
+    QUANTIZATION_NEEDS_LORA,
+    MERGE_NEEDS_LORA,
+    FREEZE_NEEDS_SELECTION,
+    PROMPT_TUNING_SETTINGS,
+    PREFIX_TUNING_SETTINGS,
+    PROMPT_LEARNING_NEEDS_SFT,
 )
 EVAL_NEEDS_DATA = Rule(
     cel=(
@@ -959,57 +1168,132 @@ EVAL_NEEDS_DATA = Rule(
 )
 
 
-#: The dataset formats DPO can read: records with chosen and rejected responses.
-DPO_FORMATS = ("auto", "preference")
-DPO_NEEDS_PREFERENCE_DATA = Rule(
-    cel="self.objective != 'dpo' || self.dataset.format == 'auto' || self.dataset.format == 'preference'",
-    message=(
-        "objective dpo trains on preference pairs: set dataset.format to preference or auto"
-        " (records with prompt, chosen and rejected), or objective to sft"
-    ),
-    field_path=".dataset.format",
-    check=lambda s: s.objective != "dpo" or s.dataset.format in DPO_FORMATS,
+#: The dataset formats each kind of run reads (besides auto, which detects one of them).
+def data_formats(objective: Objective, task: Task) -> tuple[str, ...]:
+    """The formats a run of ``objective`` on ``task`` trains on."""
+    if task == "sequence-classification":
+        return ("classification",)
+    if objective in PAIRED_PREFERENCE_OBJECTIVES:
+        return ("preference",)
+    if objective == "kto":
+        return ("unpaired_preference",)
+    return SUPERVISED_FORMATS
+
+
+def _format_rule(when: str, check: Any, formats: tuple[str, ...], message: str) -> Rule:
+    return Rule(
+        cel=f"!({when}) || self.dataset.format == 'auto' || {_cel_in('self.dataset.format', formats)}",
+        message=message,
+        field_path=".dataset.format",
+        check=lambda s: not check(s) or s.dataset.format == "auto" or s.dataset.format in formats,
+    )
+
+
+PREFERENCE_NEEDS_PAIRS = _format_rule(
+    f"self.task == 'causal-lm' && {_cel_in('self.objective', PAIRED_PREFERENCE_OBJECTIVES)}",
+    lambda s: s.task == "causal-lm" and s.objective in PAIRED_PREFERENCE_OBJECTIVES,
+    ("preference",),
+    "objectives dpo, orpo and reward train on preference pairs: set dataset.format to preference or"
+    " auto (records with prompt, chosen and rejected), or objective to sft",
 )
-PREFERENCE_DATA_NEEDS_DPO = Rule(
-    cel="self.dataset.format != 'preference' || self.objective == 'dpo'",
+KTO_NEEDS_UNPAIRED = _format_rule(
+    "self.objective == 'kto'",
+    lambda s: s.objective == "kto",
+    ("unpaired_preference",),
+    "objective kto trains on unpaired records: set dataset.format to unpaired_preference or auto"
+    " (records with prompt, completion and a boolean label)",
+)
+SFT_NEEDS_SUPERVISED = _format_rule(
+    "self.task == 'causal-lm' && self.objective == 'sft'",
+    lambda s: s.task == "causal-lm" and s.objective == "sft",
+    SUPERVISED_FORMATS,
+    "objective sft trains on supervised records: use dataset.format alpaca, chat, prompt_completion,"
+    " text or auto, or set objective to dpo, orpo or reward for preference pairs and kto for unpaired"
+    " ones, or task to sequence-classification for classification records",
+)
+CLASSIFICATION_NEEDS_LABELS = _format_rule(
+    "self.task == 'sequence-classification'",
+    lambda s: s.task == "sequence-classification",
+    ("classification",),
+    "task sequence-classification trains on labelled text: set dataset.format to classification or"
+    " auto (records with text and label)",
+)
+CLASSIFICATION_IS_SUPERVISED = Rule(
+    cel="self.task != 'sequence-classification' || self.objective == 'sft'",
     message=(
-        "dataset.format preference (prompt, chosen, rejected) is for objective dpo: set objective"
-        " to dpo, or use a supervised format (alpaca, chat, prompt_completion, text)"
+        "task sequence-classification trains on its labels with objective sft (the default):"
+        " remove objective, or use task causal-lm"
     ),
     field_path=".objective",
-    check=lambda s: s.dataset.format != "preference" or s.objective == "dpo",
+    check=lambda s: s.task != "sequence-classification" or s.objective == "sft",
 )
-DPO_SETTINGS_NEED_DPO = Rule(
-    cel="!has(self.dpo) || self.objective == 'dpo'",
-    message="dpo settings apply to objective dpo only: set objective to dpo, or remove the dpo section",
-    field_path=".dpo",
-    check=lambda s: s.dpo is None or s.objective == "dpo",
+CLASSIFICATION_SETTINGS = Rule(
+    cel="!has(self.classification) || self.task == 'sequence-classification'",
+    message="classification settings apply to task sequence-classification only: set task, or remove them",
+    field_path=".classification",
+    check=lambda s: s.classification is None or s.task == "sequence-classification",
 )
-DPO_NO_PACKING = Rule(
-    cel="self.objective != 'dpo' || !self.training.packing",
+SAMPLES_NEED_CAUSAL_LM = Rule(
+    cel="self.task == 'causal-lm' || !has(self.evaluation.samplePrompts)",
     message=(
-        "training.packing is for objective sft: TRL's DPO batches each prompt with its chosen and"
-        " rejected responses, unpacked; set packing to false"
+        "evaluation.samplePrompts are generated by a causal-lm: remove them for task sequence-classification"
+    ),
+    field_path=".evaluation.samplePrompts",
+    check=lambda s: s.task == "causal-lm" or s.evaluation.sample_prompts is None,
+)
+
+
+def _section_rule(section: str, attribute: str, objective: str) -> Rule:
+    return Rule(
+        cel=f"!has(self.{section}) || self.objective == '{objective}'",
+        message=(
+            f"{section} settings apply to objective {objective} only: set objective to {objective},"
+            f" or remove the {section} section"
+        ),
+        field_path=f".{section}",
+        check=lambda s: getattr(s, attribute) is None or s.objective == objective,
+    )
+
+
+#: Objectives whose batches are rows of one sequence each (packing and padding-free are SFT's).
+UNPACKED = "self.task == 'sequence-classification' || self.objective != 'sft'"
+NO_PACKING = Rule(
+    cel=f"!({UNPACKED}) || !self.training.packing",
+    message=(
+        "training.packing is for objective sft on task causal-lm: the preference trainers batch a"
+        " prompt with its responses and classification batches one text per row; set packing to false"
     ),
     field_path=".training.packing",
-    check=lambda s: s.objective != "dpo" or not s.training.packing,
+    check=lambda s: (
+        not (s.task == "sequence-classification" or s.objective != "sft") or not s.training.packing
+    ),
 )
-DPO_NO_PADDING_FREE = Rule(
-    cel="self.objective != 'dpo' || self.training.batching != 'padding-free'",
+NO_PADDING_FREE = Rule(
+    cel=f"!({UNPACKED}) || self.training.batching != 'padding-free'",
     message=(
-        "training.batching padding-free is not available with objective dpo (TRL's DPO collator"
-        " pads): use auto, length-grouped or padded"
+        "training.batching padding-free is for objective sft on task causal-lm (the other trainers'"
+        " collators pad): use auto, length-grouped or padded"
     ),
     field_path=".training.batching",
-    check=lambda s: s.objective != "dpo" or s.training.batching != "padding-free",
+    check=lambda s: (
+        not (s.task == "sequence-classification" or s.objective != "sft")
+        or s.training.batching != "padding-free"
+    ),
 )
-#: The objective rules, shared by the spec and the trainer config.
+#: The objective and task rules, shared by the spec and the trainer config.
 OBJECTIVE_RULES = (
-    DPO_NEEDS_PREFERENCE_DATA,
-    PREFERENCE_DATA_NEEDS_DPO,
-    DPO_SETTINGS_NEED_DPO,
-    DPO_NO_PACKING,
-    DPO_NO_PADDING_FREE,
+    PREFERENCE_NEEDS_PAIRS,
+    KTO_NEEDS_UNPAIRED,
+    SFT_NEEDS_SUPERVISED,
+    CLASSIFICATION_NEEDS_LABELS,
+    CLASSIFICATION_IS_SUPERVISED,
+    CLASSIFICATION_SETTINGS,
+    SAMPLES_NEED_CAUSAL_LM,
+    _section_rule("dpo", "dpo", "dpo"),
+    _section_rule("orpo", "orpo", "orpo"),
+    _section_rule("kto", "kto", "kto"),
+    NO_PACKING,
+    NO_PADDING_FREE,
 )
 
 
@@ -1073,6 +1357,10 @@ FSDP_ACTIVATION_CHECKPOINTING_ALONE = Rule(
 )
 
 
+#: The optional (unset by default) sections of the training definition, by their API names.
+OPTIONAL_SECTIONS = ("dpo", "orpo", "kto", "classification", "freeze", "promptTuning", "prefixTuning")
+
+
 #: The message of the transition rule that keeps spec.cancel true once set.
 CANCEL_IS_FINAL = (
     "cancel cannot be set back to false: a cancelled FineTuneJob never runs again;"
@@ -1085,7 +1373,7 @@ class FineTuneJobSpec(ApiModel):
     lifecycle) is immutable once created: to change it, create a new FineTuneJob."""
 
     cel_rules = (
-        QLORA_NEEDS_4BIT,
+        *METHOD_RULES,
         EVAL_NEEDS_DATA,
         *OBJECTIVE_RULES,
         FLASH_ATTENTION_NEEDS_GPU,
@@ -1093,7 +1381,7 @@ class FineTuneJobSpec(ApiModel):
         BITSANDBYTES_OPTIMIZER_NEEDS_GPU,
         FSDP_NEEDS_GPUS,
         FSDP_ACTIVATION_CHECKPOINTING_ALONE,
-        immutable_optional("dpo"),
+        *(immutable_optional(section) for section in OPTIONAL_SECTIONS),
         immutable_optional("image"),
         immutable_optional("imagePullPolicy"),
         immutable_optional("imagePullSecrets"),
@@ -1103,14 +1391,37 @@ class FineTuneJobSpec(ApiModel):
     """The base model to fine-tune."""
     dataset: DatasetSpec = Field(json_schema_extra=immutable("dataset"))
     """The training data, as JSON Lines (or JSON/Parquet) objects in object storage."""
+    task: Task = Field(default="causal-lm", json_schema_extra=immutable("task"))
+    """What the model is for. causal-lm: text generation (the default); sequence-classification:
+    a classification head on the base model, trained on labelled text (dataset.format
+    classification), judged by accuracy, precision, recall and F1."""
     objective: Objective = Field(default="sft", json_schema_extra=immutable("objective"))
-    """What training optimizes. sft: supervised fine-tuning on the dataset's responses; dpo: direct
-    preference optimization on preference pairs (dataset.format preference or auto), the
-    reference being the frozen base model (the adapter disabled)."""
+    """What training optimizes. sft: supervised fine-tuning on the dataset's responses (or, for
+    sequence-classification, its labels); dpo and orpo: preference optimization on pairs
+    (dataset.format preference), dpo's reference being the frozen base model, orpo needing none;
+    kto: on unpaired records labelled desirable or not (unpaired_preference); reward: a reward
+    model (a one-score head) trained on preference pairs."""
     dpo: DpoSpec | None = Field(default=None, json_schema_extra=immutable("dpo"))
     """DPO settings (objective dpo only); unset: the defaults."""
+    orpo: OrpoSpec | None = Field(default=None, json_schema_extra=immutable("orpo"))
+    """ORPO settings (objective orpo only); unset: the defaults."""
+    kto: KtoSpec | None = Field(default=None, json_schema_extra=immutable("kto"))
+    """KTO settings (objective kto only); unset: the defaults."""
+    classification: ClassificationSpec | None = Field(
+        default=None, json_schema_extra=immutable("classification")
+    )
+    """The label set (task sequence-classification only); unset: discovered from the data."""
     method: Method = Field(default="qlora", json_schema_extra=immutable("method"))
-    """Fine-tuning method: qlora (4-bit quantized base model + LoRA) or lora."""
+    """Which parameters train. qlora: a LoRA adapter on the 4-bit quantized base model; lora: a
+    LoRA adapter on the base at 16 (or 8) bits; full: every weight (writes a complete model);
+    freeze: only the modules or last layers the freeze section names (writes a complete model);
+    prompt-tuning and prefix-tuning: virtual tokens (writes a peft adapter; the weights stay)."""
+    freeze: FreezeSpec | None = Field(default=None, json_schema_extra=immutable("freeze"))
+    """What method freeze trains (required with it, refused without it)."""
+    prompt_tuning: PromptTuningSpec | None = Field(default=None, json_schema_extra=immutable("promptTuning"))
+    """Prompt tuning settings (method prompt-tuning only); unset: the defaults."""
+    prefix_tuning: PrefixTuningSpec | None = Field(default=None, json_schema_extra=immutable("prefixTuning"))
+    """Prefix tuning settings (method prefix-tuning only); unset: the defaults."""
     quantization: QuantizationSpec = Field(
         default=QuantizationSpec(), json_schema_extra=immutable("quantization")
     )
@@ -1121,6 +1432,8 @@ class FineTuneJobSpec(ApiModel):
     """Training hyperparameters (transformers TrainingArguments / TRL SFTConfig)."""
     output: OutputSpec = Field(json_schema_extra=immutable("output"))
     """Where the result goes."""
+    evaluation: EvaluationSpec = Field(default=EvaluationSpec(), json_schema_extra=immutable("evaluation"))
+    """Sample generations after training (task causal-lm), with and without the trained weights."""
     storage: StorageSpec = Field(default=StorageSpec(), json_schema_extra=immutable("storage"))
     """The S3-compatible object storage holding the dataset, (optionally) the model and the output.
     Credentials come from a Secret reference or the pod's cloud identity; never inline."""

@@ -46,17 +46,25 @@ class Progress(ApiModel):
     eta_seconds: float | None = None
     """Estimated seconds to the end of training."""
     reward_accuracy: float | None = None
-    """objective dpo: share of the latest logged pairs whose chosen response the model rewards
-    above the rejected one (TRL's rewards/accuracies; 0.5 is chance)."""
+    """objectives dpo, orpo and reward: share of the latest logged pairs whose chosen response the
+    model rewards above the rejected one (0.5 is chance)."""
     reward_margin: float | None = None
-    """objective dpo: mean reward of the chosen minus the rejected responses (rewards/margins)."""
+    """objectives dpo, orpo, kto and reward: mean reward of the chosen (kto: desirable) minus the
+    rejected (undesirable) responses."""
     reward_chosen: float | None = None
-    """objective dpo: mean reward of the chosen responses, beta times the log-probability ratio to
-    the reference model (rewards/chosen)."""
+    """objectives dpo, orpo and kto: mean reward of the chosen (kto: desirable) responses; for dpo
+    and kto beta times the log-probability ratio to the reference model."""
     reward_rejected: float | None = None
-    """objective dpo: mean reward of the rejected responses (rewards/rejected); it should fall."""
+    """objectives dpo, orpo and kto: mean reward of the rejected (kto: undesirable) responses; it
+    should fall."""
     eval_reward_accuracy: float | None = None
-    """objective dpo: reward accuracy on the validation data at the latest evaluation."""
+    """objectives dpo, orpo and reward: reward accuracy on the validation data at the latest
+    evaluation."""
+    eval_accuracy: float | None = None
+    """task sequence-classification: accuracy on the validation data at the latest evaluation."""
+    eval_f1: float | None = None
+    """task sequence-classification: macro-averaged F1 on the validation data at the latest
+    evaluation."""
     last_checkpoint: str | None = None
     """URI of the latest complete checkpoint in object storage."""
     update_time: datetime.datetime | None = None

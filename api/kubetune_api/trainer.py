@@ -29,19 +29,27 @@ from . import wellknown
 from .base import ApiModel
 from .spec import (
     EVAL_NEEDS_DATA,
+    METHOD_RULES,
     OBJECTIVE_RULES,
-    QLORA_NEEDS_4BIT,
+    ClassificationSpec,
     DatasetSpec,
     DistributedSpec,
     DpoSpec,
+    EvaluationSpec,
     FineTuneJobSpec,
+    FreezeSpec,
+    KtoSpec,
     LoraSpec,
     Method,
     ModelSpec,
     Objective,
+    OrpoSpec,
     OutputSpec,
+    PrefixTuningSpec,
+    PromptTuningSpec,
     QuantizationSpec,
     StorageSpec,
+    Task,
     TrackingSpec,
     TrainingSpec,
     quantity_value,
@@ -89,9 +97,17 @@ class ReportingSpec(ApiModel):
 _FINGERPRINT_FIELDS: dict[str, Any] = {
     "model": {"source": True, "revision": True, "trust_remote_code": True},
     "dataset": True,
+    "task": True,
     "objective": True,
     "dpo": True,
+    "orpo": True,
+    "kto": True,
+    "classification": True,
     "method": True,
+    "freeze": True,
+    "prompt_tuning": True,
+    "prefix_tuning": True,
+    "evaluation": True,
     "quantization": True,
     "lora": True,
     "training": True,
@@ -107,18 +123,34 @@ _FINGERPRINT_FIELDS: dict[str, Any] = {
 class TrainerConfig(ApiModel):
     """Everything the trainer needs, rendered by the operator from a FineTuneJob."""
 
-    cel_rules = (QLORA_NEEDS_4BIT, EVAL_NEEDS_DATA, *OBJECTIVE_RULES)
+    cel_rules = (*METHOD_RULES, EVAL_NEEDS_DATA, *OBJECTIVE_RULES)
 
     kubetune_version: str | None = Field(default=None, min_length=1, max_length=64)
     """The version of the operator that wrote the config (its :data:`KUBETUNE_VERSION`); unset in
     a config written by hand. Not part of the fingerprint."""
     model: ModelSpec
     dataset: DatasetSpec
+    task: Task = "causal-lm"
+    """spec.task: causal-lm, or sequence-classification."""
     objective: Objective = "sft"
-    """spec.objective: sft, or dpo on preference pairs."""
+    """spec.objective: sft, dpo, orpo, kto or reward."""
     dpo: DpoSpec | None = None
     """spec.dpo (objective dpo; unset: the defaults)."""
+    orpo: OrpoSpec | None = None
+    """spec.orpo (objective orpo; unset: the defaults)."""
+    kto: KtoSpec | None = None
+    """spec.kto (objective kto; unset: the defaults)."""
+    classification: ClassificationSpec | None = None
+    """spec.classification (task sequence-classification; unset: labels from the data)."""
     method: Method = "qlora"
+    freeze: FreezeSpec | None = None
+    """spec.freeze (method freeze)."""
+    prompt_tuning: PromptTuningSpec | None = None
+    """spec.promptTuning (method prompt-tuning; unset: the defaults)."""
+    prefix_tuning: PrefixTuningSpec | None = None
+    """spec.prefixTuning (method prefix-tuning; unset: the defaults)."""
+    evaluation: EvaluationSpec = EvaluationSpec()
+    """spec.evaluation: the sample generations after training."""
     quantization: QuantizationSpec = QuantizationSpec()
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
@@ -165,9 +197,17 @@ class TrainerConfig(ApiModel):
             kubetune_version=KUBETUNE_VERSION,
             model=spec.model.model_copy(update={"token_secret_ref": None}),
             dataset=spec.dataset,
+            task=spec.task,
             objective=spec.objective,
             dpo=spec.dpo,
+            orpo=spec.orpo,
+            kto=spec.kto,
+            classification=spec.classification,
             method=spec.method,
+            freeze=spec.freeze,
+            prompt_tuning=spec.prompt_tuning,
+            prefix_tuning=spec.prefix_tuning,
+            evaluation=spec.evaluation,
             quantization=spec.quantization,
             lora=spec.lora,
             training=spec.training,

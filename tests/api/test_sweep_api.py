@@ -53,7 +53,14 @@ def test_searchable_paths_come_from_the_finetunejob_spec() -> None:
     assert SWEEPABLE["training.learningRate"].kind == "float"
     assert SWEEPABLE["lora.r"].kind == "int"
     assert SWEEPABLE["lora.r"].bounds_text() == "at least 1 and at most 1024"
-    assert SWEEPABLE["method"].literals == ("qlora", "lora")
+    assert SWEEPABLE["method"].literals == (
+        "qlora",
+        "lora",
+        "full",
+        "freeze",
+        "prompt-tuning",
+        "prefix-tuning",
+    )
     assert SWEEPABLE["training.packing"].kind == "categorical"
     # what to train on, where to write and the hardware are no hyperparameters
     assert not any(path.startswith(("output.", "dataset.", "resources.", "model.")) for path in SWEEPABLE)

@@ -109,7 +109,7 @@ def test_kubectl_explain_teaches_the_api(local_env: Any, crd_installed: Any) -> 
     for field in ("model", "dataset", "method", "quantization", "lora", "training", "output", "storage"):
         assert f"  {field}\t" in spec, field
     bits = " ".join(local_env.kubectl("explain", "ftj.spec.quantization.bits").split())
-    assert "16 means no quantization. qlora needs 4." in bits
+    assert "16 means no quantization. Unset: 4 for method qlora (which needs 4)" in bits
     assert "ENUM: 4 8 16" in bits
     progress = local_env.kubectl("explain", "finetunejob.status.progress")
     assert "patched by the trainer" in progress

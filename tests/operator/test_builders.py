@@ -11,6 +11,7 @@ import yaml
 
 from kubetune_api import coordinates
 from kubetune_api.exitcodes import ExitCode
+from kubetune_api.spec import quantization_bits
 from kubetune_api.trainer import TrainerConfig
 from kubetune_operator import builders
 
@@ -106,7 +107,8 @@ def test_every_crd_default_is_accepted_by_the_trainer_config(make_ftj: Any) -> N
     """A FineTuneJob with every optional section defaulted by the CRD renders a valid config."""
     config = builders.trainer_config(make_ftj())
     assert config.method == "qlora"
-    assert config.quantization.bits == 4
+    assert config.quantization.bits is None  # the method's default: 4 for qlora
+    assert quantization_bits(config.method, config.quantization) == 4
     assert config.lora.target_modules == ("all-linear",)
     assert config.training == TrainerConfig.model_fields["training"].default
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_api import wellknown
-from kubetune_api.spec import ModelSpec
+from kubetune_api.spec import ModelSpec, quantization_bits
 from kubetune_api.trainer import TrainerConfig
 
 from .errors import ObjectAccessError
@@ -89,7 +89,7 @@ def quantization_config(cfg: TrainerConfig, precision: PrecisionChoice) -> Any |
             # are sharded with the rest (the default, uint8, would leave them out).
             **({"bnb_4bit_quant_storage": getattr(torch, compute)} if fsdp else {}),
         )
-    if quant.bits == 8:
+    if quantization_bits(cfg.method, quant) == 8:
         return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     return None
 
