@@ -1,0 +1,141 @@
+"""What TRL's preference trainers (DPO, ORPO, KTO) share: the config from the declared map, their
+batching, and the reward metrics.
+
+Each objective's module (:mod:`.dpo`, :mod:`.orpo`, :mod:`.kto`) names its TRL config and trainer,
+the ``training`` fields that do not apply to it and its own section's map; the rest is here and
+built like :mod:`.sft`: every ``training`` field whose name the TRL config also has is passed as it
+is, SFT's translations apply (:data:`sft.TRANSLATED`), kubetune's fixed choices hold. The tests of
+each objective fail when a ``training`` field is in none of these places.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any, Final
+
+from kubetune_api.spec import TrainingSpec
+
+from . import batching, sft, throughput
+
+log = logging.getLogger(__name__)
+
+#: Why ``training.packing`` does not apply to the preference trainers (refused at apply time:
+#: spec.NO_PACKING).
+NO_PACKING: Final = "TRL's preference trainers do not pack: each prompt is batched with its own responses"
+#: SFT's fixed arguments that the preference configs do not have.
+SFT_ONLY_FIXED: Final = frozenset({"assistant_only_loss", "packing_strategy"})
+
+
+@cache
+def config_fields(config_class: type) -> frozenset[str]:
+    """The argument names of a TRL config dataclass."""
+    return frozenset(field.name for field in dataclasses.fields(config_class))
+
+
+def same_named(
+    training: TrainingSpec, config_class: type, not_applicable: Mapping[str, str]
+) -> dict[str, Any]:
+    """The ``training`` fields the config takes under their own (snake_case) names."""
+    skip = sft.TRANSLATED.keys() | sft.READ_AT_LOAD | not_applicable.keys()
+    names = config_fields(config_class) - skip
+    return {name: getattr(training, name) for name in type(training).model_fields if name in names}
+
+
+def translated(training: TrainingSpec, plan: sft.Plan, config_class: type) -> dict[str, Any]:
+    """SFT's translations, with the preference trainers' own length handling: TRL truncates every
+    row at ``max_length`` itself (keep the start), and none of them batches padding-free (DPO's
+    config has the switch, off; ORPO's and KTO's do not: their batching is the rows' order)."""
+    arguments = {
+        **sft.translated(training, plan),
+        "max_length": training.max_seq_length,
+        "padding_free": False,
+    }
+    return {name: value for name, value in arguments.items() if name in config_fields(config_class)}
+
+
+def fixed_arguments(plan: sft.Plan, output_dir: Path) -> dict[str, Any]:
+    """kubetune's fixed choices for SFT, less the SFT-only ones. TRL's default of turning dropout
+    off stays (each trainer scores its responses with the same network the reference, or the
+    other response, is scored with), so ``lora.dropout`` does not apply to them."""
+    fixed = sft.fixed_arguments(plan, output_dir)
+    return {key: value for key, value in fixed.items() if key not in SFT_ONLY_FIXED}
+
+
+def build_config(
+    config_class: type,
+    training: TrainingSpec,
+    plan: sft.Plan,
+    output_dir: Path,
+    *,
+    section: Mapping[str, Any],
+    not_applicable: Mapping[str, str],
+) -> Any:
+    """The TRL config: same-named ``training`` fields, SFT's translations, the objective's section
+    (already mapped to TRL's names) and kubetune's fixed choices."""
+    return config_class(
+        **same_named(training, config_class, not_applicable),
+        **translated(training, plan, config_class),
+        **section,
+        **fixed_arguments(plan, output_dir),
+    )
+
+
+def without_padding_free(speed: throughput.ThroughputPlan, objective: str) -> throughput.ThroughputPlan:
+    """The throughput plan with a batching the preference trainers can do.
+
+    padding-free (the auto choice with flash attention) becomes length-grouped: TRL 1.16's DPO,
+    ORPO and KTO collators pad every batch. An explicit padding-free is refused at apply time.
+    """
+    if speed.batching != "padding-free":
+        return speed
+    reason = f"batching: length-grouped (objective {objective}: TRL's collator pads, no padding-free batches)"
+    log.info("%s", reason)
+    return dataclasses.replace(speed, batching="length-grouped", reasons=(*speed.reasons, reason))
+
+
+def pair_lengths(prompts: list[Any], chosen: list[Any], rejected: list[Any]) -> list[int]:
+    """Token counts of tokenized pairs: the prompt and the longer response (a pair's chosen and
+    rejected rows are padded to the batch's longest)."""
+    return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+@cache
+def length_grouped(trainer_class: type, lengths: Callable[[Any], list[int]]) -> type:
+    """``trainer_class`` whose training batches come in kubetune's length-grouped order, by the
+    ``lengths`` of its prepared training rows."""
+
+    class LengthGrouped(trainer_class):  # type: ignore[misc]
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            return batching.LengthGroupedSampler(
+                lengths(dataset), self.args.per_device_train_batch_size, self.args.seed
+            )
+
+    LengthGrouped.__name__ = LengthGrouped.__qualname__ = f"LengthGrouped{trainer_class.__name__}"
+    return LengthGrouped
+
+
+def reward_metrics(log_history: list[dict[str, Any]], names: Mapping[str, str]) -> dict[str, Any]:
+    """metrics.json's figures of a preference run: for each of TRL's logged ``names`` (-> the
+    metrics.json name), the last training and evaluation values, and their history by step (TRL's
+    own names in the history)."""
+    out: dict[str, Any] = {}
+    for trl_name, name in names.items():
+        out[name] = last(log_history, trl_name)
+        out["eval" + name[0].upper() + name[1:]] = last(log_history, f"eval_{trl_name}")
+    out["rewardHistory"] = [
+        {"step": e["step"], **{k: e[k] for k in names if k in e}}
+        for e in log_history
+        if any(k in e for k in names)
+    ]
+    return out
+
+
+def last(log_history: list[dict[str, Any]], key: str) -> float | None:
+    """The latest logged value of ``key`` (None if never logged)."""
+    value = next((e[key] for e in reversed(log_history) if key in e), None)
+    return None if value is None else float(value)
