@@ -4,20 +4,28 @@
 # Python dependencies come from uv.lock (the `operator` extra) exactly as `make setup` installs
 # them; nothing is resolved at build time.
 
+# The base: the published Python image by default. `make images` builds without a registry and
+# passes a stand-in assembled from Debian 12's packages (hack/build-images.sh, docs/images.md).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---- build: a virtualenv with the locked operator dependencies -------------------------------
 FROM ${PYTHON_IMAGE} AS build
 # uv pinned to the version the Makefile installs (UV_VERSION).
 RUN pip install --no-cache-dir uv==0.13.8
+# UV_NATIVE_TLS: uv trusts the system's CA bundle, like pip, so a build behind a TLS-inspecting
+# proxy works once its CA is in the bundle (make images binds the host's bundle over it).
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
+    UV_NATIVE_TLS=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/opt/venv
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 # Third-party packages only (the project's own code is copied below), straight from the lock.
-RUN uv sync --frozen --no-dev --no-install-project --extra operator
+# uv's download cache as a build cache mount (BuildKit and buildah): a rebuild downloads nothing.
+# make images points it at the host's uv cache, so what `make setup` fetched is not fetched again.
+RUN --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv,sharing=locked \
+    uv sync --frozen --no-dev --no-install-project --extra operator
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -51,7 +51,9 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     assert uv, "uv not found on PATH: `make setup` installs it"
     root = tmp_path_factory.mktemp("operator-image")
     steps = dockerfile_instructions(DOCKERFILE)
-    sync = next(args for word, args in steps if word == "RUN" and args.startswith("uv sync"))
+    # The RUN's own flags (--mount=type=cache,... for uv's cache) come before the command.
+    runs = [re.sub(r"^(--\S+\s+)+", "", args) for word, args in steps if word == "RUN"]
+    sync = next(args for args in runs if args.startswith("uv sync"))
     build_env = {}
     for word, args in steps:
         if word == "ENV" and "UV_PROJECT_ENVIRONMENT" in args:
