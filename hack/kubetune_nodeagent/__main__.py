@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,14 @@ def check_namespaces() -> None:
             "nodeagent: cannot create private mount/PID namespaces for containers "
             f"({probe.stderr.strip()}); run the agent as root (or with CAP_SYS_ADMIN)"
         )
+
+
+def check_oci(runtime: str, store: str | None) -> None:
+    """Exit with a clear message if the OCI mode lacks its runtime or its image store."""
+    if shutil.which(runtime) is None:
+        sys.exit(f"nodeagent: OCI runtime {runtime!r} not found (make image-tools installs crun)")
+    if not store or not Path(store).is_dir():
+        sys.exit(f"nodeagent: --image-store {store!r} is not a directory (make images fills one)")
 
 
 def _parse_taint(text: str) -> JSON:
@@ -111,6 +120,20 @@ def parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not enforce limits.memory with memory cgroups",
     )
+    p.add_argument(
+        "--runtime",
+        choices=("process", "oci"),
+        default=os.environ.get("KUBETUNE_NODEAGENT_RUNTIME", "process"),
+        help="process: commands as local processes (default); oci: images from --image-store under crun",
+    )
+    p.add_argument(
+        "--image-store",
+        type=Path,
+        default=os.environ.get("KUBETUNE_IMAGE_STORE"),
+        help="OCI mode: the image store make images fills (default $KUBETUNE_IMAGE_STORE)",
+    )
+    p.add_argument("--storage-driver", default="overlay", choices=("overlay", "vfs"), help="of --image-store")
+    p.add_argument("--oci-runtime", default="crun", help="OCI mode: the runtime binary (default %(default)s)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between node heartbeats")
     p.add_argument(
         "--shutdown-grace", type=float, default=5.0, help="on SIGTERM, longest wait for pods to stop"
@@ -140,6 +163,10 @@ def agent_from_args(args: argparse.Namespace) -> Agent:
         memory_limits=args.memory_limits,
         heartbeat=args.heartbeat,
         shutdown_grace=args.shutdown_grace,
+        runtime=args.runtime,
+        image_store=Path(args.image_store).resolve() if args.image_store else None,
+        storage_driver=args.storage_driver,
+        oci_runtime=args.oci_runtime,
     )
     return Agent(Kube.connect(args.kubeconfig), shape, settings)
 
@@ -153,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     images.load_table(args.image_map)  # fail fast on a broken table
     check_namespaces()
+    if args.runtime == "oci":
+        check_oci(args.oci_runtime, args.image_store)
     agent = agent_from_args(args)
 
     def on_signal(signum: int, _frame: object) -> None:

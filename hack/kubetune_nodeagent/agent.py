@@ -21,6 +21,8 @@ from kubetune_operator.kube import Kube, KubeError
 
 from . import images
 from .cgroup import MemoryCgroups
+from .containers import OciRuntime
+from .imagestore import ImageStore
 from .node import NodeRegistration, NodeShape
 from .scheduling import Binder, is_terminal
 from .worker import AgentContext, PodWorker
@@ -46,6 +48,14 @@ class AgentSettings:
     memory_limits: bool = True
     heartbeat: float = 10.0
     shutdown_grace: float = 5.0
+    #: ``process`` (the command as a local process, the default) or ``oci`` (the image's root
+    #: filesystem under crun, with the pod's security context; docs/nodeagent.md).
+    runtime: str = "process"
+    #: OCI mode: the store ``make images`` fills (its containers-storage is ``root/``), and its driver.
+    image_store: Path | None = None
+    storage_driver: str = "overlay"
+    #: OCI mode: the runtime binary (crun).
+    oci_runtime: str = "crun"
 
 
 class ImageTable:
@@ -68,6 +78,23 @@ def _memory_cgroups(node_name: str) -> MemoryCgroups | None:
         log.warning("no memory cgroups available: memory limits are not enforced")
         return None
     return cgroups if cgroups.prepare() else None
+
+
+def _oci_runtime(settings: AgentSettings) -> OciRuntime | None:
+    if settings.runtime != "oci":
+        return None
+    if settings.image_store is None:
+        raise ValueError("the OCI runtime needs an image store (--image-store)")
+    state = settings.state_dir / "oci"
+    state.mkdir(parents=True, exist_ok=True)
+    store = ImageStore(settings.image_store / "root", settings.storage_driver)
+    log.info("OCI mode: %s, images from %s (%s)", settings.oci_runtime, store.root, store.driver)
+    return OciRuntime(
+        store=store,
+        runtime=settings.oci_runtime,
+        state_dir=state,
+        seccomp_root=settings.state_dir / "seccomp",
+    )
 
 
 def has_run(pod: JSON) -> bool:
@@ -100,6 +127,7 @@ class Agent:
             node=lambda: self.registration.node,
             restart_backoff=settings.restart_backoff,
             cgroups=_memory_cgroups(shape.name) if settings.memory_limits else None,
+            oci=_oci_runtime(settings),
         )
 
     # -- threads -------------------------------------------------------------------

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 from kubetune_api.status import rfc3339
 
 from .cgroup import MemoryCgroups
+from .imagestore import ImageStore
 from .mounts import PodDir
 from .scheduling import parse_quantity
 
@@ -111,6 +113,7 @@ def spawn(
     mounts: list[JSON],
     cwd: str,
     cgroup_procs: str | None,
+    oci: JSON | None = None,
 ) -> None:
     """Start the container through the exec helper; its output goes to the container's log."""
     spec_file, status_file = pod_dir.spec_file(run.name), pod_dir.status_file(run.name)
@@ -123,6 +126,7 @@ def spawn(
         "status": str(status_file),
         "parent": os.getpid(),
         "cgroup": cgroup_procs,
+        "oci": oci,
     }
     spec_file.write_text(json.dumps(spec))
     spec_file.chmod(0o600)  # holds the env, which may hold secrets
@@ -140,6 +144,53 @@ def spawn(
     run.started_mono = time.monotonic()
     run.container_id = f"nodeagent://{run.popen.pid}"
     run.state = {"running": {"startedAt": rfc3339()}}
+
+
+@dataclass(frozen=True)
+class OciRuntime:
+    """The agent's OCI mode: the image store and the runtime that runs containers from it."""
+
+    store: ImageStore
+    runtime: str
+    state_dir: Path
+    seccomp_root: Path
+
+
+def oci_bundle(
+    run: ContainerRun, pod_dir: PodDir, rt: OciRuntime, config: JSON, layers: tuple[str, ...]
+) -> tuple[list[str], JSON]:
+    """Write the container's OCI bundle; the helper's argv (``crun run``) and its ``oci`` spec.
+
+    A fresh upper layer per start, as a new container gets on a real node; the runtime's state
+    is in the agent's state directory, and a leftover of a killed earlier start is deleted first.
+    """
+    bundle = pod_dir.root / "run" / f"{run.name}.oci"
+    for stale in ("upper", "work"):
+        shutil.rmtree(bundle / stale, ignore_errors=True)
+    bundle.mkdir(parents=True, exist_ok=True)
+    (bundle / "config.json").write_text(json.dumps(config))
+    (bundle / "config.json").chmod(0o600)  # holds the env, which may hold secrets
+    (bundle / "runtime.log").unlink(missing_ok=True)
+    container_id = f"{pod_dir.uid}-{run.name}"
+    if (rt.state_dir / container_id).exists():
+        subprocess.run(
+            [rt.runtime, "--root", str(rt.state_dir), "delete", "--force", container_id],
+            capture_output=True,
+            check=False,
+        )
+    argv = [
+        rt.runtime, "--root", str(rt.state_dir), "--cgroup-manager=disabled",
+        f"--log={bundle / 'runtime.log'}", "--log-format=json",
+        "run", "--bundle", str(bundle), "--no-new-keyring", container_id,
+    ]  # fmt: skip
+    spec = {
+        "rootfs": str(bundle / "rootfs"),
+        "upper": str(bundle / "upper"),
+        "work": str(bundle / "work"),
+        "layers": list(layers),
+        "log": str(bundle / "runtime.log"),
+    }
+    return argv, spec
 
 
 def collect_exit(run: ContainerRun, pod_dir: PodDir, cgroups: MemoryCgroups | None) -> JSON:

@@ -11,6 +11,9 @@ Steps:
 2. ``unshare(CLONE_NEWNS)``, make every mount private, then bind-mount each
    volume at its mountPath (read-only ones remounted read-only).  Mount points
    that do not exist on the host are created there (empty dirs/files).
+   In OCI mode (``spec["oci"]``) it mounts the container's root filesystem instead (an
+   overlay of the image's layers, see :func:`setup_oci_root`), and the command it execs is
+   the OCI runtime (``crun run``), which binds the volumes and applies the security context.
 3. ``unshare(CLONE_NEWPID)`` and fork: the child is PID 1 of a new PID namespace,
    joins the container's memory cgroup (if it has a memory limit), gets its own
    ``/proc``, a new session, ``PR_SET_PDEATHSIG`` = SIGKILL, and execs the
@@ -49,6 +52,8 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
+MNT_DETACH = 2
+HYBRID_CGROUP2 = "/sys/fs/cgroup/unified"
 START_ERROR_EXIT = 128
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
@@ -80,14 +85,14 @@ def unshare(flags: int, what: str) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({what}) (the node agent must run as root)")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     _check(
         _libc.mount(
             source.encode() if source else None,
             target.encode(),
             fstype.encode() if fstype else None,
             ctypes.c_ulong(flags),
-            None,
+            data.encode() if data else None,
         ),
         f"mount {source or fstype} on {target}",
     )
@@ -132,6 +137,31 @@ def setup_mounts(mounts: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
+def setup_oci_root(oci: dict[str, Any]) -> None:
+    """OCI mode: a private mount namespace holding the container's root filesystem.
+
+    The image's layers (read-only, shared by every container of the image) are the lower
+    layers of an overlay whose upper layer is this container's own, so the runtime can create
+    mount points and, unless ``readOnlyRootFilesystem``, the container can write; the runtime
+    (started next, in this namespace) binds the volumes and remounts the root read-only. The
+    overlay exists only in this namespace: it goes away with the container, whatever kills it.
+    """
+    unshare(CLONE_NEWNS, "CLONE_NEWNS")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # crun refuses a hybrid cgroup host whose cgroup2 mount has controllers (hugetlb, here),
+    # even with --cgroup-manager=disabled; it uses no cgroup at all, so hide that mount from it.
+    if os.path.ismount(HYBRID_CGROUP2):
+        _check(_libc.umount2(HYBRID_CGROUP2.encode(), MNT_DETACH), f"umount {HYBRID_CGROUP2}")
+    for key in ("rootfs", "upper", "work"):
+        try:
+            os.makedirs(oci[key], exist_ok=True)
+        except OSError as exc:
+            raise StartError(f"cannot create {oci[key]}: {exc}") from exc
+    lower = ":".join(str(layer) for layer in oci["layers"])
+    options = f"lowerdir={lower},upperdir={oci['upper']},workdir={oci['work']}"
+    mount("overlay", str(oci["rootfs"]), "overlay", 0, options)
+
+
 def _exec_child(spec: dict[str, Any], errors: int, helper_alive: int) -> None:
     """In the forked child (PID 1 of the new namespace): never returns."""
     try:
@@ -166,6 +196,18 @@ def _exec_child(spec: dict[str, Any], errors: int, helper_alive: int) -> None:
     os._exit(START_ERROR_EXIT)
 
 
+def _runtime_errors(log_path: str) -> str:
+    """The OCI runtime's own errors (``crun --log-format=json``): the container never ran."""
+    errors = []
+    with contextlib.suppress(OSError):
+        for line in Path(log_path).read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("level") == "error":
+                    errors.append(str(entry.get("msg", "")))
+    return "; ".join(errors)
+
+
 class StatusFile:
     """The outcome file; its directory is opened before any mount can cover it."""
 
@@ -198,7 +240,10 @@ def run(spec: dict[str, Any]) -> int:
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
     try:
-        setup_mounts(list(spec["mounts"]))
+        if spec.get("oci"):
+            setup_oci_root(dict(spec["oci"]))
+        else:
+            setup_mounts(list(spec["mounts"]))
         unshare(CLONE_NEWPID, "CLONE_NEWPID")
     except StartError as exc:
         status_file.write({"startError": str(exc)})
@@ -219,6 +264,8 @@ def run(spec: dict[str, Any]) -> int:
     while chunk := os.read(errors_r, 4096):
         message += chunk
     _, status = os.waitpid(pid, 0)
+    if not message and spec.get("oci"):
+        message = _runtime_errors(str(spec["oci"].get("log") or "")).encode()
     if message:
         status_file.write({"startError": message.decode(errors="replace")})
         return START_ERROR_EXIT

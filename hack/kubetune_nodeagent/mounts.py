@@ -8,6 +8,7 @@ default working directory). Everything but the logs is removed when the pod is d
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ JSON = dict[str, Any]
 _SCRATCH = ("run", "termination", "home", "volumes")
 #: Kubernetes' default terminationMessagePath (what the kubelet uses when a container sets none).
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+_NO_RULE = ImageRule(match="")
 
 
 @dataclass(frozen=True)
@@ -99,3 +101,51 @@ def container_mounts(
     message_file.write_bytes(b"")
     mounts.append({"source": str(message_file), "target": message_path, "readOnly": False})
     return mounts
+
+
+def oci_mounts(
+    container: JSON, volumes: dict[str, tuple[Path, bool]], pod_dir: PodDir, hostname: str
+) -> list[JSON]:
+    """OCI mode: the container's volume binds, its termination file and the kubelet-managed
+    ``/etc/hosts`` and ``/etc/hostname`` (the image's root filesystem is the rest)."""
+    mounts = [
+        m for m in container_mounts(container, volumes, _NO_RULE, pod_dir) if m["source"] != str(pod_dir.home)
+    ]
+    etc = pod_dir.root / "run" / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text(
+        f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{hostname}\n"
+    )
+    (etc / "hostname").write_text(f"{hostname}\n")
+    targets = {m["target"] for m in mounts}
+    for name in ("hosts", "hostname"):
+        if f"/etc/{name}" not in targets:
+            mounts.append({"source": str(etc / name), "target": f"/etc/{name}", "readOnly": False})
+    return mounts
+
+
+def set_volume_ownership(
+    volumes: dict[str, tuple[Path, bool]], pod_dir: PodDir, fs_group: int | None
+) -> None:
+    """What the kubelet does to the pod's own volumes (not hostPath): an emptyDir is mode 0777;
+    with ``fsGroup`` every file gets that group, read (and for writable volumes write) access
+    for it, and directories the setgid bit, so files created later keep the group."""
+    for source, read_only in volumes.values():
+        if not source.is_relative_to(pod_dir.volumes):
+            continue
+        if not read_only:
+            source.chmod(0o777)
+        if fs_group is None:
+            continue
+        mask = 0o440 if read_only else 0o660
+        for path in [source, *source.rglob("*")]:
+            if path.is_symlink():
+                continue
+            os.chown(path, -1, fs_group)
+            mode = path.stat().st_mode & 0o7777
+            path.chmod(mode | mask | (0o2110 if path.is_dir() else 0))
+
+
+def chown_termination_file(container: JSON, pod_dir: PodDir, uid: int) -> None:
+    """The kubelet gives the termination message file to the container's user."""
+    os.chown(pod_dir.termination_file(str(container["name"])), uid, -1)

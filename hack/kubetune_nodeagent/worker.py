@@ -22,10 +22,10 @@ import urllib3
 from kubetune_api.status import rfc3339
 from kubetune_operator.kube import Kube, KubeError
 
-from . import containers, images
+from . import containers, images, oci
 from .cgroup import MemoryCgroups
 from .containers import ContainerRun
-from .mounts import PodDir, container_mounts
+from .mounts import PodDir, chown_termination_file, container_mounts, oci_mounts, set_volume_ownership
 from .podspec import NotReadyError, PodSpecResolver, expand
 from .podstatus import PodState, StatusReporter, is_finished
 
@@ -52,6 +52,8 @@ class AgentContext:
     node: Callable[[], JSON]
     restart_backoff: float = 10.0
     cgroups: MemoryCgroups | None = None
+    #: OCI mode (images from the store, run by crun with the security context); None: processes.
+    oci: containers.OciRuntime | None = None
 
 
 class PodWorker(threading.Thread):
@@ -154,6 +156,9 @@ class PodWorker(threading.Thread):
         except API_ERRORS as exc:
             log.warning("pod %s: volumes: %s", self.key, exc)
             return
+        if self.ctx.oci is not None:
+            fs_group = (self.pod["spec"].get("securityContext") or {}).get("fsGroup")
+            set_volume_ownership(self.volumes, self.dir, None if fs_group is None else int(fs_group))
         self.state.volumes_ready = True
         reason = "PodInitializing" if not self.state.initialized else "ContainerCreating"
         for run in self.all_runs:
@@ -203,23 +208,30 @@ class PodWorker(threading.Thread):
         return self.restart_policy != "Never" and (run.terminated or {}).get("exitCode") != 0
 
     # -- containers ------------------------------------------------------------------
+    @staticmethod
+    def _pull_failed(run: ContainerRun, why: str) -> None:
+        image = str(run.spec.get("image", ""))
+        run.pull_failures += 1
+        reason = "ErrImagePull" if run.pull_failures == 1 else "ImagePullBackOff"
+        message = f'Failed to pull image "{image}": {why}'
+        if reason == "ImagePullBackOff":
+            message = f'Back-off pulling image "{image}": {message}'
+        run.wait(reason, message, IMAGE_RETRY_SECONDS)
+
     def _image_rule(self, run: ContainerRun) -> images.ImageRule | None:
         """The image table's rule for the container's image; waiting (ErrImagePull) when none."""
         image = str(run.spec.get("image", ""))
         rule = images.resolve(self.ctx.image_table(), image)
         if rule is None:
-            run.pull_failures += 1
-            reason = "ErrImagePull" if run.pull_failures == 1 else "ImagePullBackOff"
-            message = (
-                f'Failed to pull image "{image}": no rule for '
-                f'"{images.normalize(image)}" in the node agent\'s image table'
+            self._pull_failed(
+                run, f'no rule for "{images.normalize(image)}" in the node agent\'s image table'
             )
-            if reason == "ImagePullBackOff":
-                message = f'Back-off pulling image "{image}": {message}'
-            run.wait(reason, message, IMAGE_RETRY_SECONDS)
         return rule
 
     def _start(self, run: ContainerRun) -> None:
+        if self.ctx.oci is not None:
+            self._start_oci(run, self.ctx.oci)
+            return
         rule = self._image_rule(run)
         if rule is None:
             return
@@ -245,6 +257,64 @@ class PodWorker(threading.Thread):
         cgroup = containers.attach_memory_cgroup(run, self.dir, self.ctx.cgroups)
         containers.spawn(run, self.dir, argv, env, mounts=mounts, cwd=cwd, cgroup_procs=cgroup)
         log.info("pod %s: started container %s (pid %s): %s", self.key, run.name, run.container_id, argv)
+
+    def _start_oci(self, run: ContainerRun, rt: containers.OciRuntime) -> None:
+        """OCI mode: the image's root filesystem and config, the pod's security context, crun."""
+        image = rt.store.lookup(str(run.spec.get("image", "")))
+        if image is None:
+            self._pull_failed(run, f"not in the node agent's image store {rt.store.root} (make images)")
+            return
+        rule = images.ImageRule(
+            match=image.name,
+            env=image.env,
+            entrypoint=image.entrypoint,
+            cmd=image.cmd,
+            working_dir=image.working_dir,
+        )
+        run.image_id = f"sha256:{image.id}"
+        hostname = str(self.pod["spec"].get("hostname") or self.pod["metadata"]["name"])
+        try:
+            who = oci.identity(self.pod, run.spec, image)
+            env = self.resolver.container_env(
+                run.spec, {"PATH": images.BASE_PATH, **image.env, "HOSTNAME": hostname}
+            )
+            env.setdefault("HOME", who.home)
+            mounts = oci_mounts(run.spec, self.volumes, self.dir, hostname)
+            argv = _argv(run, rule, env)
+            cwd = str(run.spec.get("workingDir") or image.working_dir or "/")
+            process = oci.Process(argv=argv, env=env, cwd=cwd, hostname=hostname)
+            config = oci.runtime_config(
+                self.pod, run.spec, who, process, mounts=mounts, seccomp_root=rt.seccomp_root
+            )
+        except NotReadyError as exc:
+            run.wait(exc.reason, exc.message, RETRY_SECONDS)
+            return
+        except API_ERRORS as exc:
+            run.wait("CreateContainerConfigError", str(exc), RETRY_SECONDS)
+            return
+        if not argv:
+            run.wait(
+                "CreateContainerError",
+                f"no command specified for container {run.name!r}",
+                MAX_BACKOFF_SECONDS,
+            )
+            return
+        chown_termination_file(run.spec, self.dir, who.uid)
+        helper_argv, oci_spec = containers.oci_bundle(run, self.dir, rt, config, image.layers)
+        cgroup = containers.attach_memory_cgroup(run, self.dir, self.ctx.cgroups)
+        helper_env = {"PATH": images.BASE_PATH}
+        containers.spawn(
+            run, self.dir, helper_argv, helper_env, mounts=[], cwd="/", cgroup_procs=cgroup, oci=oci_spec
+        )
+        log.info(
+            "pod %s: started container %s (%s, uid %d) in %s: %s",
+            self.key,
+            run.name,
+            run.container_id,
+            who.uid,
+            image.name,
+            argv,
+        )
 
     def _record_exit(self, run: ContainerRun) -> None:
         term = containers.collect_exit(run, self.dir, self.ctx.cgroups)

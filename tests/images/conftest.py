@@ -1,0 +1,55 @@
+"""The image tests: the images ``make images`` built, run by a node agent in OCI mode (crun).
+
+They run with ``make test-images`` (``pytest -m images tests/images``), not in ``make test``:
+a plain ``pytest`` run skips them, and so does a machine without crun or without the images
+(with the reason). The images are found through ``KUBETUNE_IMAGE_STORE``, else
+``~/.cache/kubetune/images/current`` (the link ``hack/build-images.sh`` leaves).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kubetune_nodeagent.imagestore import ImageStore
+
+VERSION = "0.1.0"
+OPERATOR_IMAGE = f"ghcr.io/kubetune/operator:{VERSION}"
+TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{VERSION}"
+
+
+def image_store_dir() -> Path:
+    return Path(os.environ.get("KUBETUNE_IMAGE_STORE") or Path.home() / ".cache/kubetune/images/current")
+
+
+def missing_images() -> str | None:
+    """Why the image tests cannot run here, or None."""
+    if shutil.which("crun") is None:
+        return "crun is not installed (make image-tools)"
+    store = ImageStore(image_store_dir() / "root")
+    for image in (OPERATOR_IMAGE, TRAINER_IMAGE):
+        if store.lookup(image) is None:
+            return f"{image} is not in {image_store_dir()} (make images)"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "images: runs the images make images built, under the node agent's OCI mode (make test-images)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    selected = "images" in (config.option.markexpr or "")
+    why = None if not selected else missing_images()
+    for item in items:
+        if "images" not in item.keywords:
+            continue
+        if not selected:
+            item.add_marker(pytest.mark.skip(reason="image tests run with make test-images (-m images)"))
+        elif why is not None:
+            item.add_marker(pytest.mark.skip(reason=why))
