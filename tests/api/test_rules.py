@@ -26,7 +26,8 @@ INVALID = sorted((REPO_ROOT / "tests" / "operator" / "invalid").glob("*.yaml"))
 #: Update cases need the stored object (oldSelf): only the API server can judge them.
 CREATE_CASES = [p for p in INVALID if len(list(yaml.safe_load_all(p.read_text()))) == 1]
 EXAMPLES = [
-    REPO_ROOT / "examples" / "finetunejob.yaml",
+    # finetunejob.yaml and every finetunejob-<objective or method>.yaml
+    *sorted((REPO_ROOT / "examples").glob("finetunejob*.yaml")),
     REPO_ROOT / "examples" / "argocd" / "finetunejobs" / "alpaca-qlora.yaml",
     REPO_ROOT / "examples" / "local" / "finetunejob-tiny.yaml",
 ]

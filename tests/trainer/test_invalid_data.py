@@ -44,6 +44,7 @@ class Case:
     dataset: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     objective: str | None = None  # spec.objective; None: the default (sft)
+    spec: dict[str, Any] = field(default_factory=dict)  # other spec fields (task, classification)
 
 
 GOOD = alpaca_records(4)
@@ -62,6 +63,8 @@ CHAT_PAIR = {
     "chosen": [{"role": "assistant", "content": "green"}],
     "rejected": [{"role": "assistant", "content": "purple"}],
 }
+
+CLASSIFIER = {"task": "sequence-classification", "method": "lora"}
 
 CASES = [
     Case(
@@ -222,6 +225,52 @@ CASES = [
         objective="dpo",
     ),
     Case(
+        "classification-records",
+        {
+            "train.jsonl": to_jsonl(
+                [
+                    {"text": "what follows red", "label": "warm"},
+                    {"text": "what follows blue", "label": "cool"},
+                    {"text": " ", "label": "warm"},
+                    {"text": "what follows green"},
+                    {"text": "x", "label": True},
+                    {"text": "x", "label": 2.5},
+                    {"text": "x", "text_pair": 7, "label": "warm"},
+                    {"text": "x", "label": 1},
+                ]
+            )
+        },
+        [
+            "train.jsonl line 3: field 'text' is empty",
+            "train.jsonl line 4: a text record (field 'text'), but line 1 made this file classification"
+            " (fields 'text' and 'label')",
+            "train.jsonl line 5: field 'label' must be a class name (a string) or an index (an integer),"
+            " got a boolean",
+            "train.jsonl line 6: field 'label' must be a class name (a string) or an index (an integer),"
+            " got the number 2.5",
+            "train.jsonl line 7: field 'text_pair' must be a string, got a number",
+            "train.jsonl line 8: field 'label' is an index (an integer), but train.jsonl line 1 has a name",
+        ],
+        spec=CLASSIFIER,
+    ),
+    Case(
+        "classification-labels-and-validation",
+        {
+            "train.jsonl": to_jsonl(
+                [{"sentence": "a", "category": "warm"}, {"sentence": "b", "category": 2}]
+            ),
+            "val.jsonl": to_jsonl([{"sentence": "c", "category": 0}, {"sentence": "d", "category": "hot"}]),
+        },
+        [
+            "train.jsonl line 2: field 'category' is the index 2, but classification.labels has 2 labels"
+            " (indices 0 to 1: 'cool', 'warm')",
+            "val.jsonl line 2: field 'category' is 'hot', which is not one of the labels of"
+            " classification.labels ('cool', 'warm')",
+        ],
+        dataset={"validation": "VAL", "fieldMapping": {"text": "sentence", "label": "category"}},
+        spec={**CLASSIFIER, "classification": {"labels": ["cool", "warm"]}},
+    ),
+    Case(
         "sft-with-preference-data",
         {"train.jsonl": to_jsonl(pairs())},
         [
@@ -246,6 +295,7 @@ def test_invalid_dataset_exits_42_before_training(
     trainer_run.env.update(case.env)
     if case.objective is not None:
         trainer_run.config["objective"] = case.objective
+    trainer_run.config.update(case.spec)
 
     started = time.monotonic()
     code, log = trainer_run.run(timeout=120)

@@ -8,7 +8,11 @@ chat               messages: [{role, content}, ...]             the assistant tu
 prompt_completion  prompt, completion                           the completion only
 text               text                                         every token
 preference         prompt, chosen, rejected (text, or lists     the chosen over the rejected
-                   of messages; objective dpo)                  response (DPO)
+                   of messages; objectives dpo, orpo, reward)   response
+unpaired_          prompt, completion, label (true: desirable;  desirable completions up,
+preference         text, or lists of messages; objective kto)   undesirable ones down (KTO)
+classification     text, text_pair (optional), label (a name   the label (task
+                   or an index: labels.py)                      sequence-classification)
 =================  ==========================================  ===========================
 
 Pure Python: no tokenizer needed to find a malformed record.
@@ -16,38 +20,69 @@ Pure Python: no tokenizer needed to find a malformed record.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from kubetune_api.base import json_kind
 from kubetune_api.spec import FieldMapping
 
 from .datafiles import UnreadableJsonError, loads, shown
+from .labels import label_problem
 
-ConcreteFormat = Literal["alpaca", "chat", "prompt_completion", "text", "preference"]
-#: The formats each objective trains on.
-OBJECTIVE_FORMATS: dict[str, tuple[ConcreteFormat, ...]] = {
-    "sft": ("alpaca", "chat", "prompt_completion", "text"),
-    "dpo": ("preference",),
-}
+#: Every dataset.format but auto (tests/trainer/test_data_validation.py checks that they agree).
+ConcreteFormat = Literal[
+    "alpaca", "chat", "prompt_completion", "text", "preference", "unpaired_preference", "classification"
+]
 ROLES = ("system", "user", "assistant")
 
 
-def detect_format(record: Mapping[str, Any], fields: FieldMapping) -> ConcreteFormat | None:
-    """The format a record's keys suggest, most specific first (preference last); None if none fits."""
+def _detected_by(fmt: ConcreteFormat, fields: FieldMapping) -> set[str]:
+    """The fields whose presence makes a record look like ``fmt``."""
+    return {
+        "chat": {fields.messages},
+        "prompt_completion": {fields.prompt, fields.completion},
+        "alpaca": {fields.instruction, fields.output},
+        "text": {fields.text},
+        "preference": {fields.chosen, fields.rejected},
+        "unpaired_preference": {fields.prompt, fields.completion, fields.label},
+        "classification": {fields.text, fields.label},
+    }[fmt]
+
+
+#: Most specific first. Preference and classification come after the supervised formats: a record
+#: a supervised format fits was detected as that before they existed (a text record with a label
+#: column stays text for objective sft).
+DETECTION_ORDER: tuple[ConcreteFormat, ...] = (
+    "chat",
+    "unpaired_preference",
+    "prompt_completion",
+    "alpaca",
+    "text",
+    "preference",
+    "classification",
+)
+
+
+def detect_format(
+    record: Mapping[str, Any], fields: FieldMapping, wanted: Collection[str] = ()
+) -> ConcreteFormat | None:
+    """The format a record's keys suggest: the first (in :data:`DETECTION_ORDER`) of ``wanted``,
+    the formats the run trains on (``spec.data_formats``), that fits, else the first that fits;
+    None if none does.
+
+    A boolean label beside a prompt and a completion is KTO's mark: such a record is
+    unpaired_preference, never prompt_completion (SFT would train on the undesirable completions
+    too). With a label of another type it is unpaired_preference only where wanted (objective kto,
+    which then says what to write), and prompt_completion otherwise, as before KTO existed.
+    """
     keys = set(record)
-    if fields.messages in keys:
-        return "chat"
-    if {fields.prompt, fields.completion} <= keys:
-        return "prompt_completion"
-    if {fields.instruction, fields.output} <= keys:
-        return "alpaca"
-    if fields.text in keys:
-        return "text"
-    # Last: a record any supervised format fits was detected as that before preference existed.
-    if {fields.chosen, fields.rejected} <= keys:
-        return "preference"
-    return None
+    fitting = [fmt for fmt in DETECTION_ORDER if _detected_by(fmt, fields) <= keys]
+    if "unpaired_preference" in fitting:  # then prompt_completion fits too
+        if isinstance(record[fields.label], bool):
+            fitting.remove("prompt_completion")
+        elif "unpaired_preference" not in wanted:
+            fitting.remove("unpaired_preference")
+    return next((fmt for fmt in fitting if fmt in wanted), fitting[0] if fitting else None)
 
 
 def format_fields(fmt: ConcreteFormat, fields: FieldMapping) -> str:
@@ -58,6 +93,8 @@ def format_fields(fmt: ConcreteFormat, fields: FieldMapping) -> str:
         "alpaca": [fields.instruction, fields.output],
         "text": [fields.text],
         "preference": [fields.prompt, fields.chosen, fields.rejected],
+        "unpaired_preference": [fields.prompt, fields.completion, fields.label],
+        "classification": [fields.text, fields.label],
     }[fmt]
     quoted = ", ".join(f"'{n}'" for n in names[:-1]) + (" and " if len(names) > 1 else "") + f"'{names[-1]}'"
     return f"field {quoted}" if len(names) == 1 else f"fields {quoted}"
@@ -67,7 +104,9 @@ def describe_formats(fields: FieldMapping) -> str:
     return (
         f"chat ('{fields.messages}'), prompt_completion ('{fields.prompt}' + '{fields.completion}'), "
         f"alpaca ('{fields.instruction}' + '{fields.output}'), text ('{fields.text}'), "
-        f"preference ('{fields.prompt}' + '{fields.chosen}' + '{fields.rejected}')"
+        f"preference ('{fields.prompt}' + '{fields.chosen}' + '{fields.rejected}'), "
+        f"unpaired_preference ('{fields.prompt}' + '{fields.completion}' + '{fields.label}'), "
+        f"classification ('{fields.text}' + '{fields.label}')"
     )
 
 
@@ -125,27 +164,51 @@ def _messages(
     return problems, messages
 
 
+def _kinds_differ(record: Mapping[str, Any], prompt: str, name: str) -> str | None:
+    """Said when a response is text and its prompt messages, or the reverse (a string that holds
+    a JSON list, as a CSV cell does, counts as messages)."""
+    value, chat = record.get(name), isinstance(record.get(prompt), list)
+    text = isinstance(value, str) and not value.lstrip().startswith("[")
+    if (chat and text) or (not chat and isinstance(value, list)):
+        kinds = ("text", "a list of messages") if chat else ("a list of messages", "text")
+        return (
+            f"field '{name}' is {kinds[0]} and '{prompt}' is {kinds[1]}: give the prompt and its"
+            " responses both as text or both as lists of messages"
+        )
+    return None
+
+
+def _prompt_and_responses(
+    record: Mapping[str, Any], prompt: str, responses: dict[str, str]
+) -> tuple[list[str], dict[str, Any]]:
+    """Check a prompt and its responses (TRL's name -> the record's field); return the problems
+    and the TRL row. The prompt's kind decides the responses': a string prompt takes string
+    responses, a list of messages lists of messages (TRL's conversational rows, rendered with the
+    chat template)."""
+    mixed = {name: m for name in responses.values() if (m := _kinds_differ(record, prompt, name))}
+    if prompt in record and isinstance(record[prompt], list):
+        prompt_problems, messages = _messages(record, prompt, needs_assistant=False)
+        checked = {key: _messages(record, name) for key, name in responses.items()}
+        problems = prompt_problems + [p for found, _ in checked.values() for p in found]
+        row: dict[str, Any] = {"prompt": messages, **{key: found[1] for key, found in checked.items()}}
+    else:
+        names = (prompt, *responses.values())
+        problems = [p for name in names for p in _string(record, name, required=True)]
+        row = {"prompt": record.get(prompt), **{key: record.get(name) for key, name in responses.items()}}
+    if mixed:  # instead of "must be a string" or "not a JSON list", which hide the cause
+        problems = [p for p in problems if not any(f"field '{n}' " in p for n in mixed)]
+        problems += mixed.values()
+    return problems, row
+
+
 def _preference(record: Mapping[str, Any], fields: FieldMapping) -> tuple[list[str], dict[str, Any]]:
     """Check a preference pair; return its problems and, when it has none, the TRL row.
 
-    The prompt's kind decides the pair's: a string prompt takes string responses, a list of
-    messages takes lists of messages (TRL's conversational preference rows, rendered with the
-    chat template). A pair whose two responses are the same teaches DPO nothing (its loss
-    gradient is zero), so it is refused like an empty response.
+    A pair whose two responses are the same teaches DPO nothing (its loss gradient is zero), so
+    it is refused like an empty response.
     """
-    names = (fields.chosen, fields.rejected)
-    if fields.prompt in record and isinstance(record[fields.prompt], list):
-        prompt_problems, prompt = _messages(record, fields.prompt, needs_assistant=False)
-        checked = [_messages(record, name) for name in names]
-        problems = prompt_problems + [p for found, _ in checked for p in found]
-        row: dict[str, Any] = {"prompt": prompt, "chosen": checked[0][1], "rejected": checked[1][1]}
-    else:
-        problems = [p for name in (fields.prompt, *names) for p in _string(record, name, required=True)]
-        row = {
-            "prompt": record.get(fields.prompt),
-            "chosen": record.get(names[0]),
-            "rejected": record.get(names[1]),
-        }
+    responses = {"chosen": fields.chosen, "rejected": fields.rejected}
+    problems, row = _prompt_and_responses(record, fields.prompt, responses)
     if not problems and row["chosen"] == row["rejected"]:
         problems.append(
             f"fields '{fields.chosen}' and '{fields.rejected}' are the same: the pair prefers nothing"
@@ -153,10 +216,38 @@ def _preference(record: Mapping[str, Any], fields: FieldMapping) -> tuple[list[s
     return problems, row
 
 
+def _unpaired(record: Mapping[str, Any], fields: FieldMapping) -> tuple[list[str], dict[str, Any]]:
+    """Check a KTO record (a prompt, one completion and whether it is desirable); return its
+    problems and the TRL row ``{"prompt", "completion", "label"}``."""
+    problems, row = _prompt_and_responses(record, fields.prompt, {"completion": fields.completion})
+    name, label = fields.label, record.get(fields.label)
+    if name not in record:
+        problems.append(f"missing '{name}'")
+    elif isinstance(label, str):
+        problems.append(f"field '{name}' must be true or false, not the string {shown(label)}")
+    elif not isinstance(label, bool):
+        problems.append(f"field '{name}' must be true or false, got {json_kind(label)}")
+    return problems, {**row, "label": label}
+
+
+def _classification(record: Mapping[str, Any], fields: FieldMapping) -> list[str]:
+    """A text (and optional second text) with a label of the right type; whether the label is in
+    the label set is checked once the set is known (dataset.py, labels.py)."""
+    problems = _string(record, fields.text, required=True) + _string(record, fields.text_pair, required=False)
+    if fields.label not in record:
+        return [*problems, f"missing '{fields.label}'"]
+    wrong = label_problem(record[fields.label], fields.label)
+    return problems + ([wrong] if wrong else [])
+
+
 def check_record(fmt: ConcreteFormat, record: Mapping[str, Any], fields: FieldMapping) -> list[str]:
     """Every problem with one record, as ``"missing 'output'"``-style phrases."""
     if fmt == "preference":
         return _preference(record, fields)[0]
+    if fmt == "unpaired_preference":
+        return _unpaired(record, fields)[0]
+    if fmt == "classification":
+        return _classification(record, fields)
     if fmt == "alpaca":
         return (
             _string(record, fields.instruction, required=True)
@@ -183,10 +274,18 @@ def to_example(fmt: ConcreteFormat, record: Mapping[str, Any], fields: FieldMapp
     alpaca -> ``{"prompt": [user], "completion": [assistant]}`` (loss on the completion);
     chat -> ``{"messages": [...]}``; prompt_completion -> ``{"prompt": str, "completion": str}``;
     text -> ``{"text": str}``; preference -> ``{"prompt", "chosen", "rejected"}``, strings or
-    lists of messages.
+    lists of messages; unpaired_preference -> ``{"prompt", "completion", "label"}``, strings or
+    lists of messages, label a boolean; classification -> ``{"text", "label"}`` (and
+    ``"text_pair"`` when the record has one), the label as written (dataset.py turns it into its
+    index).
     """
     if fmt == "preference":
         return _preference(record, fields)[1]
+    if fmt == "unpaired_preference":
+        return _unpaired(record, fields)[1]
+    if fmt == "classification":
+        pair = {"text_pair": record[fields.text_pair]} if fields.text_pair in record else {}
+        return {"text": record[fields.text], **pair, "label": record[fields.label]}
     if fmt == "alpaca":
         user = alpaca_prompt(record[fields.instruction], record.get(fields.input) or "")
         return {

@@ -1,17 +1,31 @@
-"""The base model, its tokenizer, quantization and the LoRA adapter config."""
+"""The base model, its tokenizer, quantization, and which parameters train (the method).
+
+qlora and lora train a LoRA adapter, prompt-tuning and prefix-tuning peft's virtual tokens
+(:func:`peft_config`); full trains every weight and freeze the ones :func:`trainable_names`
+picks (no peft config: the TRL trainers take ``peft_config=None``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubetune_api import wellknown
-from kubetune_api.spec import ModelSpec, quantization_bits
+from kubetune_api.spec import (
+    LORA_METHODS,
+    FreezeSpec,
+    ModelSpec,
+    PrefixTuningSpec,
+    PromptTuningSpec,
+    quantization_bits,
+)
 from kubetune_api.trainer import TrainerConfig
 
-from .errors import ObjectAccessError
+from .errors import InvalidConfigError, ObjectAccessError
 from .hardware import PrecisionChoice
 from .storage import ObjectStore
 
@@ -94,21 +108,40 @@ def quantization_config(cfg: TrainerConfig, precision: PrecisionChoice) -> Any |
     return None
 
 
+def head_arguments(cfg: TrainerConfig, labels: Sequence[str] = ()) -> dict[str, Any]:
+    """from_pretrained's arguments for the model's head: a classifier over ``labels`` (task
+    sequence-classification), one score (objective reward); none for a causal LM."""
+    if cfg.task == "sequence-classification":
+        return {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
+    if cfg.objective == "reward":
+        return {"num_labels": 1}
+    return {}
+
+
 def load_model(
     source: str,
     cfg: TrainerConfig,
     precision: PrecisionChoice,
     gradient_checkpointing: bool,
     attn_implementation: str,
+    *,
+    labels: Sequence[str] = (),
 ) -> Any:
     """Load the base model (quantized for qlora) with the chosen attention kernel and prepare it for
-    k-bit training."""
+    k-bit training: a causal LM, or with a new sequence-classification head (``labels``' classes;
+    one score for objective reward), whose weights start random."""
     import torch
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quant = quantization_config(cfg, precision)
-    model = AutoModelForCausalLM.from_pretrained(
+    head = head_arguments(cfg, labels)
+    auto: Any = AutoModelForSequenceClassification if head else AutoModelForCausalLM
+    model = auto.from_pretrained(
         source,
         revision=cfg.model.revision,
         token=hub_token(),
@@ -117,6 +150,7 @@ def load_model(
         quantization_config=quant,
         attn_implementation=attn_implementation,
         device_map={"": PartialState().device} if quant is not None else None,
+        **head,
     )
     if quant is not None:
         from peft import prepare_model_for_kbit_training
@@ -127,12 +161,49 @@ def load_model(
     # No KV cache while training: with one, transformers skips the block-diagonal mask that keeps
     # the rows of a padding-free batch apart on sdpa and eager (batching.check_rows_kept_apart).
     model.config.use_cache = False
+    if cfg.method == "freeze":
+        apply_freeze(model, cfg)
     return model
 
 
-def lora_config(cfg: TrainerConfig) -> Any:
-    from peft import LoraConfig
+#: The hidden size of prefix tuning's reparameterization MLP (prefixTuning.projection): the
+#: prefix-tuning paper's 512; only the prefix it computes is saved.
+PREFIX_PROJECTION_HIDDEN = 512
 
+
+def peft_task_type(cfg: TrainerConfig) -> str:
+    """peft's task type: a classification (or one-score reward) head, else causal LM."""
+    return "SEQ_CLS" if cfg.task == "sequence-classification" or cfg.objective == "reward" else "CAUSAL_LM"
+
+
+def peft_config(cfg: TrainerConfig, tokenizer_path: str) -> Any | None:
+    """The peft config for the method: LoRA (qlora, lora), prompt tuning, prefix tuning; None for
+    full and freeze (no adapter: the model's own weights train). ``tokenizer_path``: where prompt
+    tuning's initText is tokenized (the base's folder or hub id; the hub token, if any, is found by
+    huggingface_hub through $HF_TOKEN_PATH, so none is written into the adapter's config)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    if cfg.method == "prompt-tuning":
+        spec = cfg.prompt_tuning or PromptTuningSpec()
+        text, revision = spec.init_text, cfg.model.revision
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=spec.num_virtual_tokens,
+            prompt_tuning_init="RANDOM" if text is None else "TEXT",
+            prompt_tuning_init_text=text,
+            tokenizer_name_or_path=None if text is None else tokenizer_path,
+            tokenizer_kwargs={"revision": revision} if text is not None and revision else None,
+        )
+    if cfg.method == "prefix-tuning":
+        prefix = cfg.prefix_tuning or PrefixTuningSpec()
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=prefix.num_virtual_tokens,
+            prefix_projection=prefix.projection,
+            encoder_hidden_size=PREFIX_PROJECTION_HIDDEN,
+        )
+    if cfg.method not in LORA_METHODS:
+        return None
     targets = cfg.lora.target_modules
     return LoraConfig(
         r=cfg.lora.r,
@@ -140,7 +211,102 @@ def lora_config(cfg: TrainerConfig) -> Any:
         lora_dropout=cfg.lora.dropout,
         target_modules="all-linear" if targets == ("all-linear",) else list(targets),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=peft_task_type(cfg),
+    )
+
+
+# -- method freeze ---------------------------------------------------------------------------------
+def matches_module(name: str, module: str) -> bool:
+    """Whether the dotted parameter ``name`` contains ``module`` as whole dotted parts:
+    ``norm`` matches ``model.norm.weight``, not ``model.layers.0.input_layernorm.weight``."""
+    parts, wanted = name.split("."), module.split(".")
+    return any(parts[i : i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1))
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """The model's transformer layers: the ModuleList's dotted name and its length."""
+
+    prefix: str
+    count: int
+
+
+def trainable_names(
+    names: Sequence[str], spec: FreezeSpec, layers: LayerStack | None, head: Sequence[str] = ()
+) -> set[str]:
+    """The parameters method freeze trains: those matching ``spec.trainableModules``, or those of
+    the last ``spec.trainableLayers`` layers; plus ``head`` (a classification head, which starts
+    untrained). Raises InvalidConfigError (exit 43) for a module that matches nothing or more
+    layers than the model has."""
+    if spec.trainable_modules is not None:
+        unmatched = [m for m in spec.trainable_modules if not any(matches_module(n, m) for n in names)]
+        if unmatched:
+            raise InvalidConfigError(
+                f"freeze.trainableModules {', '.join(unmatched)} match(es) no parameter of the model;"
+                f" its modules are named like {_module_examples(names)}"
+            )
+        chosen = {n for n in names if any(matches_module(n, m) for m in spec.trainable_modules)}
+    else:
+        wanted = spec.trainable_layers or 0
+        if layers is None:
+            raise InvalidConfigError(
+                "freeze.trainableLayers: the model's transformer layers were not found (no ModuleList of"
+                " config.num_hidden_layers layers); name them with freeze.trainableModules instead"
+            )
+        if wanted > layers.count:
+            raise InvalidConfigError(
+                f"freeze.trainableLayers is {wanted} but the model has {layers.count} layers"
+                f" ({layers.prefix}): set it to at most {layers.count}"
+            )
+        last = {f"{layers.prefix}.{i}" for i in range(layers.count - wanted, layers.count)}
+        chosen = {n for n in names if any(n.startswith(p + ".") for p in last)}
+    return chosen | set(head)
+
+
+def _module_examples(names: Sequence[str], shown: int = 6) -> str:
+    """A few distinct module names (parameter names without the ``.weight``/``.bias``)."""
+    modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+    return ", ".join(modules[:shown]) + (", ..." if len(modules) > shown else "")
+
+
+def find_layers(model: Any) -> LayerStack | None:
+    """The outermost ModuleList holding config.num_hidden_layers modules (``model.layers`` in
+    Llama, ``transformer.h`` in GPT-2, ``bert.encoder.layer`` in BERT)."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name:
+            return LayerStack(name, len(module))
+    return None
+
+
+def head_names(model: Any, cfg: TrainerConfig) -> list[str]:
+    """The classification (or reward) head's parameters: those outside the base model (``score``,
+    ``classifier``); none for a causal LM, whose output head is frozen with the rest."""
+    if peft_task_type(cfg) != "SEQ_CLS":
+        return []
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+
+
+def apply_freeze(model: Any, cfg: TrainerConfig) -> None:
+    """Method freeze: requires_grad only on what :func:`trainable_names` picks; before training,
+    so a selection that matches nothing fails (exit 43) before any step."""
+    assert cfg.freeze is not None  # the API requires the section with method freeze
+    params = dict(model.named_parameters())
+    chosen = trainable_names(list(params), cfg.freeze, find_layers(model), head_names(model, cfg))
+    for name, param in params.items():
+        param.requires_grad_(name in chosen)
+    trained = sum(params[n].numel() for n in chosen)
+    total = sum(p.numel() for p in params.values())
+    log.info(
+        "freeze: training %d of %d parameters (%.1f %%) in %d tensors",
+        trained,
+        total,
+        100 * trained / max(total, 1),
+        len(chosen),
     )
 
 

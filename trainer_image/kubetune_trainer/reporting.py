@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 #: The keys of status.progress (the API type's wire names).
 PROGRESS_FIELDS = frozenset(info.alias or name for name, info in Progress.model_fields.items())
 
-#: TRL's logged DPO metrics -> their status.progress names (and metrics.json's: dpo.REWARD_METRICS).
+#: TRL's logged reward metrics -> their status.progress names (and metrics.json's: the
+#: REWARD_METRICS of dpo, orpo and kto). TRL's DPO, ORPO and KTO trainers log them under the same
+#: names (KTO no accuracy: its records are not pairs; its chosen and rejected are the desirable
+#: and undesirable completions).
 REWARD_PROGRESS: Final = {
     "rewards/accuracies": "rewardAccuracy",
     "rewards/margins": "rewardMargin",
@@ -185,13 +188,20 @@ class TrainingRates:
         }
 
 
+#: A classifier's logged evaluation metrics (classification.EVAL_METRICS) -> their status.progress names.
+CLASSIFICATION_PROGRESS: Final = {"eval_accuracy": "evalAccuracy", "eval_f1": "evalF1"}
+
+
 def evaluation_progress(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The progress fields of one evaluation: the eval loss, and DPO's eval reward accuracy."""
-    accuracy = _rounded(metrics.get("eval_rewards/accuracies"), 4)  # objective dpo
+    """The progress fields of one evaluation: the eval loss, the eval reward accuracy (dpo and the
+    preference objectives, reward), a classifier's accuracy and macro F1."""
+    accuracy = _rounded(metrics.get("eval_rewards/accuracies"), 4)  # objectives dpo and orpo
+    scores = {name: _rounded(metrics.get(key), 4) for key, name in CLASSIFICATION_PROGRESS.items()}
     return {
         "step": step,
         "evalLoss": _rounded(metrics["eval_loss"], 4),
         **({"evalRewardAccuracy": accuracy} if accuracy is not None else {}),
+        **{name: value for name, value in scores.items() if value is not None},
     }
 
 
@@ -260,7 +270,7 @@ def progress_of(state: Any, logs: dict[str, Any]) -> dict[str, Any]:
         "loss": _rounded(logs.get("loss"), 4),
         "evalLoss": _rounded(logs.get("eval_loss"), 4),
         "learningRate": _significant(logs.get("learning_rate"), 4),
-        # objective dpo (TRL's DPO logs them; absent for sft, so not reported)
+        # objectives dpo, orpo and kto (TRL logs them; absent for sft, so not reported)
         **{name: _rounded(logs.get(trl_name), 4) for trl_name, name in REWARD_PROGRESS.items()},
     }
 

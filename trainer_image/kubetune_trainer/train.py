@@ -2,7 +2,8 @@
 
 Each stage is a named function over a :class:`RunContext`; heavy libraries (torch,
 transformers, peft, trl) are imported inside them, so a bad dataset fails in about a second.
-The TRL specifics are in :mod:`.sft` (objective sft) and :mod:`.dpo` (objective dpo).
+The TRL specifics are in :mod:`.sft` (objective sft), :mod:`.dpo`, :mod:`.orpo` and :mod:`.kto`
+(the preference objectives, over what :mod:`.preference` shares).
 """
 
 from __future__ import annotations
@@ -23,15 +24,21 @@ from kubetune_api.trainer import TrainerConfig
 from . import (
     batching,
     checkpoints,
+    classification,
     dataset,
     dpo,
     errors,
     hardware,
+    kto,
     lossplot,
     modeling,
+    orpo,
+    preference,
     preflight,
     reporting,
     results,
+    reward,
+    samples,
     sft,
     throughput,
     tracking,
@@ -57,6 +64,8 @@ SUMMARY_KEYS = (
     "objective",
     "rewardAccuracy",
     "rewardMargin",
+    "evalAccuracy",
+    "evalF1",
 )
 
 
@@ -90,6 +99,8 @@ class Built:
     checkpoint_sync: Any
     #: The expected fraction of padding in the first epoch's training batches.
     padding_waste: float
+    #: The sample prompts (evaluation), and the base's answers when generated before training.
+    sampling: samples.Pending
 
 
 @contextlib.contextmanager
@@ -136,7 +147,8 @@ def prepare_data(ctx: RunContext) -> dataset.ValidatedData:
     """Download and check every record, before any model is loaded."""
     with local_main_first():
         files = dataset.fetch(ctx.cfg.dataset, ctx.store, ctx.work_dir / "data")
-    return dataset.validate(ctx.cfg.dataset, files, ctx.cfg.objective)
+    labels = ctx.cfg.classification.labels if ctx.cfg.classification else None
+    return dataset.validate(ctx.cfg.dataset, files, ctx.cfg.objective, ctx.cfg.task, labels)
 
 
 # -- build -----------------------------------------------------------------------------------------
@@ -153,8 +165,12 @@ def plan_hardware(
     speed = throughput.plan(cfg.training, cfg.method, hw, precision, throughput.installed())
     for reason in speed.reasons:
         log.info("%s", reason)
-    if cfg.objective == "dpo":
-        speed = dpo.batching_for_dpo(speed)
+    if cfg.task == "sequence-classification":
+        speed = classification.batching_for_rows(speed, "task sequence-classification")
+    elif cfg.objective == "kto":
+        speed = kto.batching_for_kto(speed, cfg.training)
+    elif cfg.objective in ("dpo", "orpo", "reward"):
+        speed = preference.without_padding_free(speed, cfg.objective)
     return hw, precision, gc, speed
 
 
@@ -214,7 +230,7 @@ def build(ctx: RunContext, data: dataset.ValidatedData, tracker: tracking.Tracke
     stats = dataset.token_stats(train_rows + eval_rows, tokenizer, cfg.training.max_seq_length)
     log.info("tokens: %s", stats.describe())
     datasets = build_datasets(cfg, train_rows, eval_rows)
-    model = modeling.load_model(source, cfg, precision, gc, speed.attn_implementation)
+    model = modeling.load_model(source, cfg, precision, gc, speed.attn_implementation, labels=data.labels)
     ckpt_root = ctx.work_dir / "checkpoints"
     resume = restore_checkpoint(ctx, ckpt_root)
     sync, found = callbacks(ctx)
@@ -222,17 +238,30 @@ def build(ctx: RunContext, data: dataset.ValidatedData, tracker: tracking.Tracke
     trainer = make_trainer(
         cfg, plan, ckpt_root=ckpt_root, model=model, tokenizer=tokenizer, datasets=datasets, callbacks=found
     )
-    args = trainer.args
     hardware.check_strategy(cfg.distributed.strategy, bool(getattr(trainer, "is_fsdp_enabled", False)))
     modeling.adapter_dtype_fix(trainer.model, precision)
     if speed.batching == "padding-free":
         batching.check_rows_kept_apart(trainer.model, trainer.data_collator, speed.attn_implementation)
-    lengths = (dpo.pair_lengths if cfg.objective == "dpo" else batching.row_lengths)(trainer.train_dataset)
-    batch_size = args.per_device_train_batch_size
-    waste = batching.expected_padding_waste(speed.batching, lengths, batch_size, args.seed)
+    waste = first_epoch_padding(cfg, trainer, speed.batching)
     log.info("batching: %.1f %% of the tokens in the first epoch's batches are padding", 100 * waste)
     has_eval = datasets[1] is not None
-    return Built(trainer, tokenizer, source, plan, data.format, stats, has_eval, resume, sync, waste)
+    sampling = samples.prepare(cfg, trainer.model, tokenizer, datasets, ctx.is_main)
+    return Built(
+        trainer, tokenizer, source, plan, data.format, stats, has_eval, resume, sync, waste, sampling
+    )
+
+
+def first_epoch_padding(cfg: TrainerConfig, trainer: Any, batching_choice: str) -> float:
+    """The expected padding share of the first epoch's training batches, by the objective's rows."""
+    rows, args = trainer.train_dataset, trainer.args
+    if cfg.objective == "kto":  # its rows are read in the order kto.row_order gave them
+        return kto.padding_waste(rows, args.per_device_train_batch_size)
+    lengths = {"dpo": dpo.pair_lengths, "orpo": orpo.pair_lengths, "reward": reward.pair_lengths}.get(
+        cfg.objective, batching.row_lengths
+    )
+    return batching.expected_padding_waste(
+        batching_choice, lengths(rows), args.per_device_train_batch_size, args.seed
+    )
 
 
 def make_trainer(
@@ -245,8 +274,9 @@ def make_trainer(
     datasets: tuple[Any, Any | None],
     callbacks: list[Any],
 ) -> Any:
-    """TRL's trainer for the objective: SFTTrainer, or DPOTrainer with the base model as reference."""
-    peft_config = modeling.lora_config(cfg)
+    """TRL's trainer for the objective: SFTTrainer, DPOTrainer or KTOTrainer with the base model as
+    reference, or ORPOTrainer (which needs none)."""
+    peft_config = modeling.peft_config(cfg, tokenizer.name_or_path)
     common = {
         "tokenizer": tokenizer,
         "datasets": datasets,
@@ -256,18 +286,46 @@ def make_trainer(
     if cfg.objective == "dpo":
         args = dpo.dpo_config(cfg.training, cfg.dpo, plan, ckpt_root)
         return dpo.build_trainer(model, args=args, speed=plan.speed, **common)
+    if cfg.objective == "orpo":
+        args = orpo.orpo_config(cfg.training, cfg.orpo, plan, ckpt_root)
+        return orpo.build_trainer(model, args=args, speed=plan.speed, **common)
+    if cfg.objective == "kto":
+        args = kto.kto_config(cfg.training, cfg.kto, plan, ckpt_root)
+        return kto.build_trainer(model, args=args, speed=plan.speed, **common)
+    if cfg.objective == "reward":
+        args = reward.reward_config(cfg.training, plan, ckpt_root)
+        return reward.build_trainer(model, args=args, speed=plan.speed, **common)
+    if cfg.task == "sequence-classification":
+        args = classification.arguments(cfg.training, plan, ckpt_root)
+        max_length = cfg.training.max_seq_length
+        return classification.build_trainer(
+            model, args=args, speed=plan.speed, max_length=max_length, **common
+        )
     args = sft.sft_config(cfg.training, plan, ckpt_root)
     return sft.build_trainer(
         model, args=args, speed=plan.speed, max_row_length=cfg.training.max_seq_length, **common
     )
 
 
-def objective_metrics(cfg: TrainerConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a DPO run is judged by (reward accuracy, margins, chosen and rejected rewards); for sft
-    only the objective's name."""
+def objective_metrics(
+    cfg: TrainerConfig, history: list[dict[str, Any]], trainer: Any = None
+) -> dict[str, Any]:
+    """What a preference run is judged by (dpo, orpo: reward accuracy, margins, chosen and rejected
+    rewards; orpo also its log-odds ratio; kto: margins, chosen and rejected rewards, its KL
+    estimate; reward: the reward model's accuracy and margin); task sequence-classification:
+    accuracy, precision, recall, F1 and the confusion matrix (from ``trainer``'s last evaluation);
+    for sft only the objective's name."""
     extra: dict[str, Any] = {"objective": cfg.objective}
-    if cfg.objective == "dpo":
-        extra |= dpo.reward_metrics(history)
+    rewards = {
+        "dpo": dpo.reward_metrics,
+        "orpo": orpo.reward_metrics,
+        "kto": kto.reward_metrics,
+        "reward": reward.reward_metrics,
+    }
+    if cfg.objective in rewards:
+        extra |= rewards[cfg.objective](history)
+    if cfg.task == "sequence-classification":
+        extra |= {"task": cfg.task, **classification.metrics(history, trainer)}
     return extra
 
 
@@ -304,7 +362,7 @@ def train(ctx: RunContext, built: Built) -> dict[str, Any]:
         "lossHistory": [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e],
         "evalLossHistory": lossplot.eval_loss_history(history),
         "totalRuntimeSeconds": round(time.monotonic() - ctx.started, 2),
-        **objective_metrics(ctx.cfg, history),
+        **objective_metrics(ctx.cfg, history, trainer),
     }
 
 
@@ -321,7 +379,8 @@ def publish(ctx: RunContext, built: Built, metrics: dict[str, Any]) -> None:
         model = None
     if not ctx.is_main:
         return
-    results.write_local(out_dir, cfg, model, built.tokenizer, metrics)
+    rows = samples.finish(built.sampling, trainer.model, built.tokenizer)  # before the manifest
+    results.write_local(out_dir, cfg, model, built.tokenizer, metrics, samples_rows=rows)
     if cfg.output.merge_adapter:
         results.merge_adapter(built.source, out_dir, cfg, built.plan.precision)
     results.publish(ctx.store, out_dir, cfg.output.uri, ctx.fingerprint)
