@@ -76,7 +76,7 @@ def _config(**overrides: Any) -> TrainerConfig:
         "output": {"uri": "s3://out-bkt/runs/job-1"},
     }
     for key, value in overrides.items():
-        raw[key] = {**raw.get(key, {}), **value}
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return TrainerConfig.model_validate(raw)
 
 
@@ -196,3 +196,41 @@ def test_plot_is_published_in_the_manifest_and_embedded(
     assert b"![loss]" not in card
     manifest = json.loads(s3_client.get_object(Bucket=bucket, Key="out/no-plot/manifest.json")["Body"].read())
     assert {f["path"] for f in manifest["files"]} == set(listed)
+
+
+# -- the card for each method ----------------------------------------------------------------------
+def test_card_of_a_complete_model_loads_it_alone_and_downloads_no_base() -> None:
+    for method, extra in (("full", {}), ("freeze", {"freeze": {"trainableModules": ["lm_head", "norm"]}})):
+        card = results.model_card(_config(method=method, **extra), {"trainLoss": 1.0})
+        assert "library_name: transformers" in card
+        assert card_syncs(card) == [("s3://out-bkt/runs/job-1", "./job-1", ["checkpoints/*"])]  # no base
+        (code,) = card_blocks(card, "python")
+        assert "peft" not in code
+        assert 'model = AutoModelForCausalLM.from_pretrained("./job-1")' in code
+        assert _loaded_paths(code) == ["./job-1", "./job-1"]
+    assert "- Method: freeze; trained lm_head, norm, every other weight as in the base" in card
+
+
+def test_card_of_a_prompt_learning_adapter_loads_it_on_the_base() -> None:
+    cfg = _config(method="prompt-tuning", promptTuning={"numVirtualTokens": 8, "initText": "Answer:"})
+    card = results.model_card(cfg, {"trainLoss": 1.0})
+    assert "library_name: peft" in card
+    assert "# Prompt-tuning adapter trained by kubetune" in card
+    assert '- Method: prompt-tuning; 8 virtual tokens, initialized from the text "Answer:"' in card
+    assert [sync[1] for sync in card_syncs(card)] == ["./job-1", "./base-model"]
+    (code,) = card_blocks(card, "python")
+    assert sorted(_loaded_paths(code)) == ["./base-model", "./job-1", "./job-1"]
+    prefix = results.model_card(_config(method="prefix-tuning"), {"trainLoss": 1.0})
+    assert "- Method: prefix-tuning; 20 virtual tokens, without projection" in prefix
+
+
+def test_card_shows_the_first_samples_fenced_whatever_they_hold() -> None:
+    rows = [{"prompt": f"p{i}", "base": "b", "tuned": "t"} for i in range(5)]
+    rows[0]["tuned"] = "```python\nimport os\n```"  # a generation that would close a ``` fence
+    card = results.model_card(_config(), {"trainLoss": 1.0}, samples_rows=rows)
+    assert "The first 3 of 5 prompts in `samples.jsonl`" in card
+    assert "**Prompt 3**" in card
+    assert "**Prompt 4**" not in card
+    assert "````text\n```python\nimport os\n```\n````" in card
+    (code,) = card_blocks(card.split("## Use")[1], "python")
+    assert "PeftModel.from_pretrained" in code
