@@ -234,3 +234,45 @@ def test_card_shows_the_first_samples_fenced_whatever_they_hold() -> None:
     assert "````text\n```python\nimport os\n```\n````" in card
     (code,) = card_blocks(card.split("## Use")[1], "python")
     assert "PeftModel.from_pretrained" in code
+
+
+def test_merge_of_a_classifier_adapter_is_a_classifier_with_its_labels(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """mergeAdapter with task sequence-classification: the base is reloaded as a classifier over
+    metrics.json's labels, so merged/ loads alone and scores as the base with the adapter does."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kubetune_trainer.hardware import PrecisionChoice
+
+    labels = ["bug", "question", "billing"]
+    head = {"num_labels": 3, "id2label": dict(enumerate(labels))}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    base: Any = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, **head
+    )
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    with torch.no_grad():  # a trained-looking adapter: LoRA's B starts at zero
+        for name, param in adapter.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    folder = tmp_path / "result"
+    adapter.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / wellknown.METRICS).write_text(json.dumps({"labels": labels}))
+    cfg = _config(task="sequence-classification", dataset={"format": "classification"}, method="lora")
+    results.merge_adapter(str(tiny_model_dir), folder, cfg, PrecisionChoice("fp32", "test"))
+
+    merged: Any = AutoModelForSequenceClassification.from_pretrained(folder / wellknown.MERGED_DIR)
+    assert merged.config.id2label == dict(enumerate(labels))
+    assert merged.config.pad_token_id == tokenizer.pad_token_id
+    fresh: Any = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, **head
+    )
+    on_base = PeftModel.from_pretrained(fresh, str(folder)).eval()
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(input_ids=ids).logits, on_base(input_ids=ids).logits, atol=1e-5)

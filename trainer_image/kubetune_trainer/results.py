@@ -357,22 +357,27 @@ def write_local(
 def merge_adapter(base_source: str, folder: Path, cfg: TrainerConfig, precision: PrecisionChoice) -> None:
     """Reload the base unquantized, merge the adapter saved in ``folder``, save to ``folder/merged``
     with the tokenizer (and chat template) saved next to the adapter, so ``merged/`` loads on its
-    own with AutoTokenizer and AutoModelForCausalLM."""
+    own with AutoTokenizer and AutoModelForCausalLM (AutoModelForSequenceClassification for a
+    classifier, whose labels metrics.json names, or a reward model)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(
+    # The tokenizer as trained (pad token, kubetune's default chat template when the base had none).
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
+    labels = json.loads((folder / wellknown.METRICS).read_text()).get("labels") or ()
+    head = modeling.head_arguments(cfg, labels)
+    auto: Any = AutoModelForSequenceClassification if head else AutoModelForCausalLM
+    base = auto.from_pretrained(
         base_source,
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=getattr(torch, precision.torch_dtype_name),
+        **({**head, "pad_token_id": tokenizer.pad_token_id} if head else {}),
     )
     merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     merged_dir = folder / wellknown.MERGED_DIR
     merged.save_pretrained(str(merged_dir), safe_serialization=True)
-    # The tokenizer as trained (pad token, kubetune's default chat template when the base had none).
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
     tokenizer.save_pretrained(str(merged_dir))
     log.info("result: merged model saved (%s)", precision.torch_dtype_name)
 
