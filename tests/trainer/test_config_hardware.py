@@ -56,7 +56,7 @@ def test_invalid_config_file_exits_43(tmp_path: Path) -> None:
     # An invalid config still reports to the terminationMessagePath its JSON names.
     term = tmp_path / "term"
     path.write_text(
-        json.dumps({**MINIMAL, "method": "full", "reporting": {"terminationMessagePath": str(term)}})
+        json.dumps({**MINIMAL, "method": "ia3", "reporting": {"terminationMessagePath": str(term)}})
     )
     proc = subprocess.run(
         [sys.executable, "-m", "kubetune_trainer", "--config", str(path)],

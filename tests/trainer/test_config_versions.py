@@ -83,12 +83,12 @@ def test_an_older_trainer_refuses_a_newer_field_naming_it_both_versions_and_the_
 def test_every_unknown_field_is_named_by_its_path(tmp_path: Path) -> None:
     message = _refusal(
         tmp_path,
-        _operator_config(training={"newThing": 1}, lora={"rank2": 4}, task="sequence-classification"),
+        _operator_config(training={"newThing": 1}, lora={"rank2": 4}, nodeRank=1),
     )
-    assert "does not know: lora.rank2, training.newThing, task." in message
+    assert "does not know: lora.rank2, training.newThing, nodeRank." in message
     # Only the spec's own sections can be unset in the FineTuneJob; the operator fills the rest.
     assert "unset spec.lora.rank2, spec.training.newThing in the FineTuneJob" in message
-    assert "spec.task" not in message
+    assert "spec.nodeRank" not in message
 
 
 def test_a_newer_operators_config_without_newer_fields_reads(tmp_path: Path) -> None:
