@@ -16,8 +16,11 @@ UV := $(PYTHON) -m uv
 UV_DIR = $$($(PYTHON) -c 'import os, uv; print(os.path.dirname(uv.find_uv_bin()))')
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test, each taking whole test files (module fixtures stay on one).
+TEST_WORKERS ?= 2
 
 .PHONY: help setup tools crds test lint bench logs cluster-up cluster-down cluster-status demo clean
+.PHONY: image-tools images test-images
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -48,7 +51,7 @@ lint: setup ## ruff + mypy --strict + the import contract (lint-imports) + gener
 
 test: lint ## the test suite: lint, type check, import contract, then unit, API-server and end-to-end tests
 	$(VENV_PY) -m kubetune_localenv build $(TEST_TOOLS)
-	PATH="$(UV_DIR):$$PATH" $(VENV_PY) -m pytest $(PYTEST_ARGS)
+	PATH="$(UV_DIR):$$PATH" $(VENV_PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: setup ## the main job end to end: control plane, S3, node agent, operator, a tiny QLoRA fine-tune on CPU
 	$(VENV_PY) -m kubetune_localenv.demo $(DEMO_ARGS)
@@ -57,6 +60,22 @@ bench: setup tools ## the benchmarks (figures and how they were taken: docs/benc
 	$(VENV_PY) bench/bench_operator_scale.py --jobs 50 --nodes 4
 	$(VENV_PY) bench/bench_cpu_precision.py --steps 20
 	$(VENV_PY) bench/bench_batching.py --steps 20
+
+# make images: both images with buildah, no Docker engine, no registry (docs/images.md).
+IMAGE_TOOLS := buildah crun mmdebstrap
+image-tools: ## apt-get install what is missing of buildah, crun, mmdebstrap (make images, the node agent's OCI mode)
+	@missing=$$(for p in $(IMAGE_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "kubetune: apt-get install" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+images: image-tools ## build ghcr.io/kubetune/{operator,trainer}:<appVersion> into ~/.cache/kubetune/images (buildah, local Debian base)
+	hack/build-images.sh
+
+test-images: setup ## the image tests (tests/images: real images under crun through the node agent; needs make images)
+	$(VENV_PY) -m kubetune_localenv build etcd kube-apiserver kube-controller-manager kubectl helm versitygw
+	PATH="$(UV_DIR):$$PATH" $(VENV_PY) -m pytest -m images tests/images $(PYTEST_ARGS)
 
 cluster-up: setup ## start etcd, kube-apiserver, kcm, S3 and the node agent on 127.0.0.1; writes $(STATE)/kubeconfig and $(STATE)/s3.env
 	$(VENV_PY) -m kubetune_localenv up --state $(STATE)
