@@ -350,7 +350,10 @@ def test_lora_classifier_trains_reports_and_loads_back(
     s3_client.put_object(Bucket=bucket, Key="data/val.jsonl", Body=to_jsonl(validation))
     run.config.update(task="sequence-classification", method="lora")
     run.config["dataset"]["validation"] = f"s3://{bucket}/data/val.jsonl"
-    run.config["training"].update(maxSteps=16, evalStrategy="steps", evalSteps=8, maxSeqLength=16)
+    # fp32 (not the CPU's bf16): the reloaded adapter is compared with the evaluation's predictions.
+    run.config["training"].update(
+        maxSteps=24, learningRate=0.005, evalStrategy="steps", evalSteps=12, maxSeqLength=16, precision="fp32"
+    )
     finetunejob: JobRef = request.getfixturevalue("finetunejob")  # live progress on the real apiserver
     kube_api = request.getfixturevalue("kube_api")
     run.env["KUBECONFIG"] = str(request.getfixturevalue("local_env").kubeconfig)
@@ -413,7 +416,7 @@ def test_full_classifier_of_text_pairs_with_given_labels_loads_on_its_own(
         fieldMapping={"text": "sentence", "textPair": "context", "label": "category"},
     )
     run.config["training"].update(
-        maxSteps=16, learningRate=0.002, batching="padded", maxSeqLength=16, saveSteps=16
+        maxSteps=24, learningRate=0.002, batching="padded", maxSeqLength=16, saveSteps=12, precision="fp32"
     )
 
     code, log = run.run()

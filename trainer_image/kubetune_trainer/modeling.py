@@ -136,11 +136,13 @@ def load_model(
     one score for objective reward), whose weights start random."""
     import torch
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     quant = quantization_config(cfg, precision)
     head = head_arguments(cfg, labels)
     auto: Any = AutoModelForSequenceClassification if head else AutoModelForCausalLM
+    if head:  # the new head's random weights: the same for the same training.seed
+        set_seed(cfg.training.seed)
     model = auto.from_pretrained(
         source,
         revision=cfg.model.revision,
