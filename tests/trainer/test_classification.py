@@ -22,7 +22,7 @@ from kubetune_trainer.formats import check_record, detect_format, to_example
 from kubetune_trainer.hardware import Hardware, PrecisionChoice
 from kubetune_trainer.reporting import JobRef
 
-from .conftest import TrainerRun, to_jsonl, upload_folder
+from .conftest import TrainerRun, build_tokenizer, to_jsonl, upload_folder
 
 CPU = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False, device_name="cpu")
 FP32 = PrecisionChoice("fp32", "test")
@@ -164,13 +164,32 @@ def _validate(
 def test_validated_classification_data_carries_the_label_names(tmp_path: Path) -> None:
     data = _validate(tmp_path, color_records(8), color_records(2))
     assert (data.format, data.labels) == ("classification", ("cool", "warm"))
-    assert data.train[0] == {"text": "what follows red", "label": 1}
+    assert data.train[0] == {"text": "what follows red", "text_pair": None, "label": 1}
     assert [r["label"] for r in data.validation] == [1, 0]
     given = _validate(
         tmp_path, [{"text": "a", "label": 1}, {"text": "b", "label": "neg"}], None, class_names=["neg", "pos"]
     )
     assert [r["label"] for r in given.train] == [1, 0]
     assert given.labels == ("neg", "pos")
+
+
+def test_rows_tokenize_their_pair_and_truncate(tmp_path: Path) -> None:
+    """A pair after a record without one keeps it (the rows all have the key); maxSeqLength cuts."""
+    from datasets import Dataset
+
+    tokenizer = build_tokenizer()
+    data = _validate(
+        tmp_path,
+        [{"text": "what follows red", "label": "warm"}, {**color_records(2)[1], "text_pair": "red"}],
+        None,
+    )
+    rows = classification.tokenized(Dataset.from_list(data.train), tokenizer, max_length=3)
+    assert rows.column_names == ["label", "input_ids", "attention_mask"]
+    single, paired = rows["input_ids"]
+    assert single == tokenizer("what follows red")["input_ids"]
+    assert len(tokenizer("what follows green", "red")["input_ids"]) == 4
+    # truncated to 3, from the longer text: the pair's own token stays
+    assert paired == tokenizer("what follows", "red")["input_ids"]
 
 
 def test_unusable_classification_data_fails_before_any_model(tmp_path: Path) -> None:

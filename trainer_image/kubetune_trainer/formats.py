@@ -275,17 +275,17 @@ def to_example(fmt: ConcreteFormat, record: Mapping[str, Any], fields: FieldMapp
     chat -> ``{"messages": [...]}``; prompt_completion -> ``{"prompt": str, "completion": str}``;
     text -> ``{"text": str}``; preference -> ``{"prompt", "chosen", "rejected"}``, strings or
     lists of messages; unpaired_preference -> ``{"prompt", "completion", "label"}``, strings or
-    lists of messages, label a boolean; classification -> ``{"text", "label"}`` (and
-    ``"text_pair"`` when the record has one), the label as written (dataset.py turns it into its
-    index).
+    lists of messages, label a boolean; classification -> ``{"text", "text_pair", "label"}``
+    (``text_pair`` None without one: every row has the key, as datasets takes the columns from the
+    first row), the label as written (dataset.py turns it into its index).
     """
     if fmt == "preference":
         return _preference(record, fields)[1]
     if fmt == "unpaired_preference":
         return _unpaired(record, fields)[1]
     if fmt == "classification":
-        pair = {"text_pair": record[fields.text_pair]} if fields.text_pair in record else {}
-        return {"text": record[fields.text], **pair, "label": record[fields.label]}
+        pair = record.get(fields.text_pair)
+        return {"text": record[fields.text], "text_pair": pair, "label": record[fields.label]}
     if fmt == "alpaca":
         user = alpaca_prompt(record[fields.instruction], record.get(fields.input) or "")
         return {
