@@ -477,7 +477,7 @@ def build_trainer(model: Any, *, tokenizer: Any, args: Any, train_ds: Any, speed
         tokenizer=tokenizer,
         args=args,
         datasets=(train_ds, None),
-        peft_config=modeling.lora_config(cfg),
+        peft_config=modeling.peft_config(cfg, tokenizer.name_or_path),
         callbacks=[],
         speed=speed,
         max_row_length=cfg.training.max_seq_length,
