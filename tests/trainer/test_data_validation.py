@@ -7,14 +7,22 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from kubetune_api.spec import DatasetSpec, FieldMapping
+from kubetune_api.spec import DatasetFormat, DatasetSpec, FieldMapping, data_formats
 from kubetune_trainer.datafiles import read_records
 from kubetune_trainer.dataset import DataFiles, percentile, summarize_lengths, validate
 from kubetune_trainer.errors import InvalidDataError
-from kubetune_trainer.formats import check_record, detect_format, split_last_assistant_turn, to_example
+from kubetune_trainer.formats import (
+    DETECTION_ORDER,
+    ConcreteFormat,
+    check_record,
+    detect_format,
+    split_last_assistant_turn,
+    to_example,
+)
 
 from .conftest import alpaca_records, chat_records, to_jsonl
 
@@ -97,6 +105,81 @@ def test_field_mapping_renames_columns() -> None:
     assert detect_format(record, fields) == "alpaca"
     assert check_record("alpaca", record, fields) == []
     assert to_example("alpaca", record, fields)["completion"] == [{"role": "assistant", "content": "that"}]
+
+
+SFT = data_formats("sft", "causal-lm")
+KTO = data_formats("kto", "causal-lm")
+KTO_RECORD = {"prompt": "p", "completion": "c", "label": True}
+
+
+@pytest.mark.parametrize(
+    ("record", "wanted", "expected"),
+    [
+        (KTO_RECORD, (), "unpaired_preference"),
+        (KTO_RECORD, SFT, "unpaired_preference"),  # a boolean label: never SFT on bad completions
+        (KTO_RECORD, KTO, "unpaired_preference"),
+        ({**KTO_RECORD, "label": "spam"}, SFT, "prompt_completion"),  # as before KTO existed
+        ({**KTO_RECORD, "label": "spam"}, (), "prompt_completion"),
+        ({**KTO_RECORD, "label": "true"}, KTO, "unpaired_preference"),  # then told what to write
+        ({"prompt": "p", "completion": "c"}, KTO, "prompt_completion"),
+        ({"prompt": [], "completion": [], "label": False}, (), "unpaired_preference"),
+    ],
+)
+def test_detection_prefers_what_the_run_trains_on(
+    record: dict[str, object], wanted: tuple[str, ...], expected: str
+) -> None:
+    assert detect_format(record, FIELDS, wanted) == expected
+
+
+def test_every_dataset_format_is_a_concrete_one_but_auto() -> None:
+    assert set(get_args(ConcreteFormat)) == set(get_args(DatasetFormat)) - {"auto"}
+    assert set(get_args(ConcreteFormat)) == set(DETECTION_ORDER)
+
+
+def test_unpaired_records_become_kto_rows_as_text_or_chat() -> None:
+    fields = FieldMapping(label="desirable", completion="answer")
+    text = {"prompt": "after red comes", "answer": " green", "desirable": False}
+    assert check_record("unpaired_preference", text, fields) == []
+    assert to_example("unpaired_preference", text, fields) == {
+        "prompt": "after red comes",
+        "completion": " green",
+        "label": False,
+    }
+    user = [{"role": "user", "content": "what follows red"}]
+    answer = [{"role": "assistant", "content": "green"}]
+    chat = {"prompt": user, "answer": json.dumps(answer), "desirable": True}  # a CSV cell holds JSON
+    assert check_record("unpaired_preference", chat, fields) == []
+    assert to_example("unpaired_preference", chat, fields) == {
+        "prompt": user,
+        "completion": answer,
+        "label": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"prompt": "p", "completion": "c"}, "missing 'label'"),
+        (
+            {"prompt": "p", "completion": "c", "label": "false"},
+            "must be true or false, not the string 'false'",
+        ),
+        ({"prompt": "p", "completion": "c", "label": None}, "field 'label' must be true or false, got null"),
+        ({"prompt": "p", "completion": " ", "label": True}, "field 'completion' is empty"),
+        ({"prompt": "p", "completion": [{"role": "assistant", "content": "c"}], "label": True}, "is text"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "p"}],
+                "completion": [{"role": "user", "content": "c"}],
+                "label": 1,
+            },
+            "field 'completion' has no assistant message to learn from",
+        ),
+    ],
+)
+def test_unpaired_record_problems_name_the_field(record: dict[str, object], problem: str) -> None:
+    problems = check_record("unpaired_preference", record, FIELDS)
+    assert any(problem in p for p in problems), problems
 
 
 @pytest.mark.parametrize(

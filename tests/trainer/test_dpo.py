@@ -144,11 +144,12 @@ def _get(s3_client: Any, bucket: str, key: str) -> bytes:
     return body
 
 
-def _adapter_prefers_chosen(
-    s3_client: Any, bucket: str, model_dir: Path, tmp_path: Path, *, text: bool
-) -> None:
-    """The published adapter loads on the base with peft, changes its outputs, and (trained on
-    the text pairs scored here) gives the chosen responses a larger margin than the base does."""
+def published_margins(
+    s3_client: Any, bucket: str, model_dir: Path, tmp_path: Path, pairs: list[tuple[str, str, str]]
+) -> tuple[list[float], list[float]]:
+    """The published adapter (loaded on the base with peft): for each (prompt, better, worse) text
+    pair, the better response's log-probability minus the worse one's (one word each), under the
+    base model and under the adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,10 +164,10 @@ def _adapter_prefers_chosen(
 
     def margins(model: Any) -> list[float]:
         out = []
-        for record in preference_records(8):
+        for prompt, *responses in pairs:
             scores = []
-            for key in ("chosen", "rejected"):
-                ids = tokenizer(record["prompt"] + record[key], return_tensors="pt").input_ids
+            for response in responses:
+                ids = tokenizer(prompt + response, return_tensors="pt").input_ids
                 with torch.no_grad():
                     logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
                 scores.append(float(logps[-1, ids[0, -1]]))  # the response's one word
@@ -174,8 +175,16 @@ def _adapter_prefers_chosen(
         return out
 
     before = margins(base)
-    tuned = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    after = margins(tuned)
+    return before, margins(PeftModel.from_pretrained(base, str(adapter_dir)).eval())
+
+
+def _adapter_prefers_chosen(
+    s3_client: Any, bucket: str, model_dir: Path, tmp_path: Path, *, text: bool
+) -> None:
+    """The published adapter loads on the base with peft, changes its outputs, and (trained on
+    the text pairs scored here) gives the chosen responses a larger margin than the base does."""
+    pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in preference_records(8)]
+    before, after = published_margins(s3_client, bucket, model_dir, tmp_path, pairs)
     assert after != before
     if text:
         assert sum(after) / len(after) > sum(before) / len(before) + 0.1, (before, after)

@@ -66,6 +66,12 @@ CHAT_PAIR = {
 
 CLASSIFIER = {"task": "sequence-classification", "method": "lora"}
 
+#: Good KTO records (objective kto): a desirable and an undesirable completion.
+KTO_GOOD = [
+    {"prompt": "after red comes", "completion": " green", "label": True},
+    {"prompt": "after red comes", "completion": " purple", "label": False},
+]
+
 CASES = [
     Case(
         "invalid-json-line",
@@ -191,7 +197,10 @@ CASES = [
     Case(
         "preference-chat-prompt-with-text-response",
         {"train.jsonl": to_jsonl([CHAT_PAIR, {**CHAT_PAIR, "rejected": "purple"}])},
-        ["train.jsonl line 2: field 'rejected' is not a JSON list of messages"],
+        [
+            "train.jsonl line 2: field 'rejected' is text and 'prompt' is a list of messages: give the"
+            " prompt and its responses both as text or both as lists of messages"
+        ],
         objective="dpo",
     ),
     Case(
@@ -275,7 +284,62 @@ CASES = [
         {"train.jsonl": to_jsonl(pairs())},
         [
             "train.jsonl line 1: a preference pair (fields 'prompt', 'chosen' and 'rejected'), but objective"
-            " sft trains on supervised records: set objective to dpo"
+            " sft trains on supervised records: use objective dpo, orpo or reward"
+        ],
+    ),
+    Case(  # objective kto: every kind of bad record, under a field mapping
+        "unpaired-preference-bad-records",
+        {
+            "train.jsonl": to_jsonl(
+                [
+                    *(
+                        {"prompt": r["prompt"], "completion": r["completion"], "good": r["label"]}
+                        for r in KTO_GOOD
+                    ),
+                    {"prompt": "after red comes", "completion": " green", "good": "true"},
+                    {"prompt": "after red comes", "completion": " green", "good": 1},
+                    {"prompt": "after red comes", "good": False},
+                    {
+                        "prompt": [{"role": "user", "content": "what follows red"}],
+                        "completion": " green",
+                        "good": True,
+                    },
+                    {
+                        "prompt": "after red comes",
+                        "completion": [{"role": "assistant", "content": "g"}],
+                        "good": True,
+                    },
+                    {"prompt": "  ", "completion": " green", "good": True},
+                ]
+            )
+        },
+        [
+            "train.jsonl line 3: field 'good' must be true or false, not the string 'true'",
+            "train.jsonl line 4: field 'good' must be true or false, got a number",
+            "train.jsonl line 5: missing 'completion'",
+            "train.jsonl line 6: field 'completion' is text and 'prompt' is a list of messages",
+            "train.jsonl line 7: field 'completion' is a list of messages and 'prompt' is text",
+            "train.jsonl line 8: field 'prompt' is empty",
+        ],
+        dataset={"fieldMapping": {"label": "good"}},
+        objective="kto",
+    ),
+    Case(
+        "kto-with-supervised-data",
+        {"train.jsonl": to_jsonl([{"prompt": "after red comes", "completion": " green"}])},
+        [
+            "train.jsonl line 1: a prompt_completion record (fields 'prompt' and 'completion'), but objective"
+            " kto trains on unpaired records (fields 'prompt', 'completion' and 'label'): add a 'label' of"
+            " true or false to every record"
+        ],
+        objective="kto",
+    ),
+    Case(
+        "sft-with-kto-data",
+        {"train.jsonl": to_jsonl(KTO_GOOD)},
+        [
+            "train.jsonl line 1: an unpaired_preference record (fields 'prompt', 'completion' and 'label'),"
+            " but objective sft trains on supervised records: use objective kto, or remove 'label'"
         ],
     ),
 ]
