@@ -29,6 +29,9 @@ JSON_CONTENT: Final = "application/json"
 _RETRIES: Final = urllib3.Retry(total=3, connect=3, read=0, redirect=0, status=0, other=0, backoff_factor=0.2)
 MERGE_PATCH: Final = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH: Final = "application/strategic-merge-patch+json"
+#: The User-Agent of a client that names none. The API server takes the part before the first "/"
+#: as the field manager of what a request writes (managedFields) and logs the whole in its audit log.
+DEFAULT_USER_AGENT: Final = "kubetune"
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,16 @@ def load_configuration(kubeconfig: str | Path | None = None) -> k8s_client.Confi
 class Kube:
     """GET/POST/PATCH/DELETE/WATCH of plain dicts against one API server."""
 
-    def __init__(self, configuration: k8s_client.Configuration, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        configuration: k8s_client.Configuration,
+        timeout: float = 30.0,
+        user_agent: str = DEFAULT_USER_AGENT,
+    ) -> None:
         self.configuration = configuration
         self.server = str(configuration.host).rstrip("/")
         self.timeout = timeout
+        self.user_agent = user_agent
         tls: dict[str, Any] = {
             "cert_reqs": "CERT_REQUIRED" if configuration.verify_ssl else "CERT_NONE",
             # As the kubernetes client does: without a cluster CA, the public CAs (a managed API server).
@@ -135,9 +144,11 @@ class Kube:
         )
 
     @classmethod
-    def connect(cls, kubeconfig: str | Path | None = None, timeout: float = 30.0) -> Kube:
+    def connect(
+        cls, kubeconfig: str | Path | None = None, timeout: float = 30.0, user_agent: str = DEFAULT_USER_AGENT
+    ) -> Kube:
         """A client for ``kubeconfig`` (see :func:`load_configuration` for the fallbacks)."""
-        return cls(load_configuration(kubeconfig), timeout)
+        return cls(load_configuration(kubeconfig), timeout, user_agent)
 
     @property
     def port(self) -> int:
@@ -148,7 +159,7 @@ class Kube:
         self._pool.clear()
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": JSON_CONTENT}
+        headers = {"Accept": JSON_CONTENT, "User-Agent": self.user_agent}
         # Calls the refresh hook, so a rotated ServiceAccount token is read again when due.
         token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         if token:

@@ -24,6 +24,9 @@ LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 LABEL_KUEUE_JOB_UID: Final = "kueue.x-k8s.io/job-uid"
 MANAGED_BY: Final = "kubetune"
 APP_NAME: Final = "kubetune-trainer"
+#: The User-Agent of the operator's own API client (kopf's watches and patches say ``kopf/<version>``):
+#: the field manager of the children it creates, and how an audit log tells its requests apart.
+OPERATOR_USER_AGENT: Final = "kubetune-operator"
 
 
 def job_name(ftj_name: str) -> str:
