@@ -198,6 +198,10 @@ class LocalEnv:
     apiserver_port: int = 0
     s3: S3Settings | None = None
     extra_start: list[Callable[[LocalEnv], ManagedProcess]] = field(default_factory=list)
+    #: Extra kube-apiserver flags (the scale benchmark's audit log).
+    apiserver_args: list[str] = field(default_factory=list)
+    #: Extra kube-controller-manager flags (the scale benchmark's client rate limits).
+    controller_manager_args: list[str] = field(default_factory=list)
 
     # -- paths -----------------------------------------------------------------
     @property
@@ -354,6 +358,7 @@ class LocalEnv:
                     "--enable-priority-and-fairness=false",
                     "--profiling=false",
                     "--v=1",
+                    *self.apiserver_args,
                 ],
                 [port],
             )
@@ -413,6 +418,7 @@ class LocalEnv:
                     "--controllers=*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle",
                     "--concurrent-gc-syncs=5",
                     "--v=1",
+                    *self.controller_manager_args,
                 ],
                 [port],
             )
