@@ -33,9 +33,9 @@ setup: ## install Python deps from uv.lock into .venv (and uv itself if missing)
 
 # What `make test` needs built before pytest starts (kwok and kube-scheduler serve only bench/).
 # kueue (tests/controlplane/test_kueue.py) is the slowest cold build: about 5 minutes on 2 cores.
-TEST_TOOLS := etcd kube-apiserver kube-controller-manager kubectl helm versitygw kube-score kueue
+TEST_TOOLS := etcd kube-apiserver kube-controller-manager kubectl helm versitygw kube-score kueue actionlint
 
-tools: setup ## build the pinned Go binaries (etcd, kube-apiserver, kcm, kube-scheduler, kubectl, helm, versitygw, kwok, kube-score, kueue) into ~/.cache/kubetune
+tools: setup ## build the pinned Go binaries (etcd, kube-apiserver, kcm, kube-scheduler, kubectl, helm, versitygw, kwok, kube-score, kueue, actionlint) into ~/.cache/kubetune
 	$(VENV_PY) -m kubetune_localenv build
 
 crds: setup ## regenerate the CRD (crds/ and the chart's copy) and docs/api.md from the API models in api/kubetune_api

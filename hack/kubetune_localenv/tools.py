@@ -106,6 +106,13 @@ TOOLS: dict[str, GoTool] = {
             ("-X sigs.k8s.io/kueue/pkg/version.GitVersion={version}",),
         ),
         GoTool(
+            "actionlint",
+            "actionlint",
+            "github.com/rhysd/actionlint/cmd/actionlint",
+            "github.com/rhysd/actionlint",
+            ("-X github.com/rhysd/actionlint.version={version}",),
+        ),
+        GoTool(
             "versitygw",
             "versitygw",
             "github.com/versity/versitygw/cmd/versitygw",
