@@ -226,7 +226,7 @@ def test_orpo_trains_a_lora_adapter_and_publishes_its_metrics(
     run.config.update(objective="orpo", orpo={"beta": 2.0}, method="lora")
     run.config["dataset"]["validationSplit"] = 0.25  # format auto: detected as preference
     # The supervised term leads at first: this tiny model needs 24 steps to rank the pairs.
-    run.config["training"].update(maxSteps=24, saveSteps=12, evalStrategy="steps", evalSteps=12)
+    run.config["training"].update(maxSteps=24, saveSteps=24, evalStrategy="steps", evalSteps=12)
 
     code, log = run.run()
     assert code == 0, log
@@ -274,7 +274,7 @@ def test_kto_trains_a_qlora_adapter_with_live_reward_progress(
     run.config.update(objective="kto", kto={"beta": 2.0, "desirableWeight": 1.2})
     run.config["dataset"]["validationSplit"] = 0.25  # format auto: detected as unpaired_preference
     # As for ORPO: 24 steps (KTO's signal per record is weaker than a pair's).
-    run.config["training"].update(maxSteps=24, saveSteps=12, evalStrategy="steps", evalSteps=12)
+    run.config["training"].update(maxSteps=24, saveSteps=24, evalStrategy="steps", evalSteps=12)
     job: JobRef = request.getfixturevalue("finetunejob")
     run.env["KUBECONFIG"] = str(request.getfixturevalue("local_env").kubeconfig)
     run.config["reporting"].update(name=job.name, namespace=job.namespace, intervalSeconds=0.5)
