@@ -1280,8 +1280,21 @@ NO_PADDING_FREE = Rule(
         or s.training.batching != "padding-free"
     ),
 )
+#: KTO's KL term pairs each prompt with another completion of the same per-device batch.
+KTO_MIN_BATCH = 2
+KTO_NEEDS_BATCHES = Rule(
+    cel=f"self.objective != 'kto' || self.training.perDeviceTrainBatchSize >= {KTO_MIN_BATCH}",
+    message=(
+        "objective kto estimates its KL term by pairing each prompt with another completion of its"
+        f" batch: set training.perDeviceTrainBatchSize to {KTO_MIN_BATCH} or more"
+        " (gradientAccumulationSteps does not count)"
+    ),
+    field_path=".training.perDeviceTrainBatchSize",
+    check=lambda s: s.objective != "kto" or s.training.per_device_train_batch_size >= KTO_MIN_BATCH,
+)
 #: The objective and task rules, shared by the spec and the trainer config.
 OBJECTIVE_RULES = (
+    KTO_NEEDS_BATCHES,
     PREFERENCE_NEEDS_PAIRS,
     KTO_NEEDS_UNPAIRED,
     SFT_NEEDS_SUPERVISED,

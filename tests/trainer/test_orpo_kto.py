@@ -11,12 +11,13 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from kubetune_api.coordinates import GROUP, PLURAL, VERSION
 from kubetune_api.spec import KtoSpec, ModelSpec, OrpoSpec, TrainingSpec
+from kubetune_api.trainer import TrainerConfig
 from kubetune_localenv.tinymodel import COLORS
-from kubetune_trainer import batching, kto, modeling, orpo, sft, throughput
-from kubetune_trainer.errors import InvalidConfigError
+from kubetune_trainer import batching, kto, modeling, orpo, preference, sft, throughput
 from kubetune_trainer.hardware import Hardware, PrecisionChoice
 from kubetune_trainer.reporting import JobRef
 
@@ -95,13 +96,22 @@ def test_padding_free_becomes_length_grouped_and_kto_needs_two_rows_a_batch() ->
     installed = throughput.Installed(flash_attn=True, liger_kernel=True)
     speed = throughput.plan(TrainingSpec(), "qlora", gpu, PrecisionChoice("bf16", "test"), installed)
     assert speed.batching == "padding-free"
-    for_kto = kto.batching_for_kto(speed, TrainingSpec())
+    for_kto = preference.without_padding_free(speed, "kto")
     assert for_kto.batching == "length-grouped"
     assert "objective kto" in for_kto.reasons[-1]
-    assert kto.batching_for_kto(CPU_PLAN.speed, TrainingSpec()) is CPU_PLAN.speed
-    one = TrainingSpec.model_validate({"perDeviceTrainBatchSize": 1, "gradientAccumulationSteps": 8})
-    with pytest.raises(InvalidConfigError, match="perDeviceTrainBatchSize to 2 or more"):
-        kto.batching_for_kto(CPU_PLAN.speed, one)
+    assert preference.without_padding_free(CPU_PLAN.speed, "kto") is CPU_PLAN.speed
+    # A batch of one is refused by the config (and at apply time: spec.KTO_NEEDS_BATCHES).
+    one = {"perDeviceTrainBatchSize": 1, "gradientAccumulationSteps": 8}
+    with pytest.raises(ValidationError, match="perDeviceTrainBatchSize to 2 or more"):
+        TrainerConfig.model_validate(
+            {
+                "model": {"source": "s3://models/tiny"},
+                "dataset": {"train": "s3://data/train.jsonl"},
+                "output": {"uri": "s3://out/run"},
+                "objective": "kto",
+                "training": one,
+            }
+        )
 
 
 def test_kto_rows_are_ordered_before_trl_reads_them_in_sequence() -> None:

@@ -26,7 +26,6 @@ from typing import Any, Final
 from kubetune_api.spec import KtoSpec, TrainingSpec
 
 from . import batching, dataset, preference, reporting, sft, throughput
-from .errors import InvalidConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,6 @@ REWARD_METRICS: Final = {
     **{k: v for k, v in reporting.REWARD_PROGRESS.items() if k != "rewards/accuracies"},
     "kl": "kl",
 }
-#: The smallest per-device batch: the KL estimate pairs a row with another one of its batch.
-MIN_BATCH: Final = 2
 
 
 def config_class() -> type:
@@ -83,18 +80,6 @@ def kto_config(training: TrainingSpec, spec: KtoSpec | None, plan: sft.Plan, out
         section=section(spec or KtoSpec()),
         not_applicable=NOT_APPLICABLE,
     )
-
-
-def batching_for_kto(speed: throughput.ThroughputPlan, training: TrainingSpec) -> throughput.ThroughputPlan:
-    """The batching KTO can do: no padding-free (TRL's collator pads), and per-device batches of
-    at least two rows (refused here, before the model loads, rather than by TRL after)."""
-    if training.per_device_train_batch_size < MIN_BATCH:
-        raise InvalidConfigError(
-            "objective kto estimates its KL term by pairing each prompt with another completion of"
-            f" its batch: set training.perDeviceTrainBatchSize to {MIN_BATCH} or more"
-            " (gradientAccumulationSteps does not count)"
-        )
-    return preference.without_padding_free(speed, "kto")
 
 
 def row_order(

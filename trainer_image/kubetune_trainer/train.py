@@ -167,9 +167,7 @@ def plan_hardware(
         log.info("%s", reason)
     if cfg.task == "sequence-classification":
         speed = classification.batching_for_rows(speed, "task sequence-classification")
-    elif cfg.objective == "kto":
-        speed = kto.batching_for_kto(speed, cfg.training)
-    elif cfg.objective in ("dpo", "orpo", "reward"):
+    elif cfg.objective in ("dpo", "orpo", "kto", "reward"):
         speed = preference.without_padding_free(speed, cfg.objective)
     return hw, precision, gc, speed
 
