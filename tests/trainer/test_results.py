@@ -224,6 +224,28 @@ def test_card_of_a_prompt_learning_adapter_loads_it_on_the_base() -> None:
     assert "- Method: prefix-tuning; 20 virtual tokens, without projection" in prefix
 
 
+def test_card_names_each_preference_objective_its_settings_and_final_rewards() -> None:
+    figures = {
+        "trainLoss": 1.0,
+        "rewardAccuracy": 0.75,
+        "rewardMargin": 0.5,
+        "rewardChosen": 0.3,
+        "rewardRejected": -0.2,
+    }
+    dpo = results.model_card(_config(objective="dpo"), figures)
+    assert "- Objective: dpo (loss sigmoid, beta 0.1; reference: the base model)" in dpo
+    orpo = results.model_card(_config(objective="orpo", orpo={"beta": 0.2}), figures)
+    assert "- Objective: orpo (beta 0.2; no reference model)" in orpo
+    assert "- Final reward accuracy: 0.75, margin: 0.5" in orpo
+    kto = results.model_card(
+        _config(objective="kto", kto={"desirableWeight": 1.5}),
+        figures,
+    )
+    assert "desirable weight 1.5, undesirable weight 1.0; reference: the base model" in kto
+    assert "- Final rewards: desirable 0.3, undesirable -0.2, margin: 0.5" in kto
+    assert "- Objective:" not in results.model_card(_config(), figures)
+
+
 def test_card_shows_the_first_samples_fenced_whatever_they_hold() -> None:
     rows = [{"prompt": f"p{i}", "base": "b", "tuned": "t"} for i in range(5)]
     rows[0]["tuned"] = "```python\nimport os\n```"  # a generation that would close a ``` fence

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_api import wellknown
-from kubetune_api.spec import LORA_METHODS, DpoSpec, PrefixTuningSpec, PromptTuningSpec
+from kubetune_api.spec import LORA_METHODS, DpoSpec, KtoSpec, OrpoSpec, PrefixTuningSpec, PromptTuningSpec
 from kubetune_api.trainer import TrainerConfig
 
 from . import lossplot, modeling, samples
@@ -191,14 +191,29 @@ def _usage_section(cfg: TrainerConfig, labels: Sequence[str] = ()) -> list[str]:
 
 
 def _objective_lines(cfg: TrainerConfig, metrics: dict[str, Any]) -> list[str]:
-    """What a DPO run optimized and how it ended; nothing for sft (its card is unchanged)."""
-    if cfg.objective != "dpo":
+    """What a preference run (dpo, orpo, kto) optimized and how it ended; nothing for sft (its card
+    is unchanged) or reward (:func:`_head_lines`)."""
+    margin = f"margin: {metrics.get('rewardMargin')}"
+    if cfg.objective == "dpo":
+        dpo = cfg.dpo or DpoSpec()
+        setting = f"loss {dpo.loss_type}, beta {dpo.beta}; reference: the base model"
+        result = f"- Final reward accuracy: {metrics.get('rewardAccuracy')}, {margin}"
+    elif cfg.objective == "orpo":
+        setting = f"beta {(cfg.orpo or OrpoSpec()).beta}; no reference model"
+        result = f"- Final reward accuracy: {metrics.get('rewardAccuracy')}, {margin}"
+    elif cfg.objective == "kto":
+        kto = cfg.kto or KtoSpec()
+        setting = (
+            f"beta {kto.beta}, desirable weight {kto.desirable_weight}, undesirable weight"
+            f" {kto.undesirable_weight}; reference: the base model"
+        )
+        result = (
+            f"- Final rewards: desirable {metrics.get('rewardChosen')},"
+            f" undesirable {metrics.get('rewardRejected')}, {margin}"
+        )
+    else:
         return []
-    dpo = cfg.dpo or DpoSpec()
-    return [
-        f"- Objective: dpo (loss {dpo.loss_type}, beta {dpo.beta}; reference: the base model)",
-        f"- Final reward accuracy: {metrics.get('rewardAccuracy')}, margin: {metrics.get('rewardMargin')}",
-    ]
+    return [f"- Objective: {cfg.objective} ({setting})", result]
 
 
 def _head_lines(cfg: TrainerConfig, metrics: dict[str, Any]) -> list[str]:
