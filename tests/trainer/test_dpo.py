@@ -79,18 +79,6 @@ def test_dpo_config_carries_the_spec_the_section_and_the_plan(tmp_path: Path) ->
     assert (defaults.beta, defaults.loss_type, defaults.learning_rate) == (0.1, ["sigmoid"], 2e-4)
 
 
-def test_padding_free_becomes_length_grouped_for_dpo() -> None:
-    gpu = Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False, device_name="NVIDIA H100")
-    bf16 = PrecisionChoice("bf16", "test")
-    installed = throughput.Installed(flash_attn=True, liger_kernel=True)
-    speed = throughput.plan(TrainingSpec(), "qlora", gpu, bf16, installed)
-    assert speed.batching == "padding-free"
-    for_dpo = dpo.batching_for_dpo(speed)
-    assert for_dpo.batching == "length-grouped"
-    assert "objective dpo" in for_dpo.reasons[-1]
-    assert dpo.batching_for_dpo(CPU_PLAN.speed) is CPU_PLAN.speed
-
-
 # -- the reference model ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_reference_is_the_base_model_with_the_adapter_disabled(

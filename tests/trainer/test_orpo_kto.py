@@ -17,8 +17,7 @@ from kubetune_api.coordinates import GROUP, PLURAL, VERSION
 from kubetune_api.spec import KtoSpec, ModelSpec, OrpoSpec, TrainingSpec
 from kubetune_api.trainer import TrainerConfig
 from kubetune_localenv.tinymodel import COLORS
-from kubetune_trainer import batching, kto, modeling, orpo, preference, sft, throughput
-from kubetune_trainer.hardware import Hardware, PrecisionChoice
+from kubetune_trainer import batching, kto, modeling, orpo, sft
 from kubetune_trainer.reporting import JobRef
 
 from .conftest import TrainerRun, build_tokenizer, to_jsonl, upload_folder
@@ -91,16 +90,8 @@ def test_kto_config_carries_the_spec_the_section_and_the_plan(tmp_path: Path) ->
     assert (defaults.beta, defaults.desirable_weight, defaults.learning_rate) == (0.1, 1.0, 2e-4)
 
 
-def test_padding_free_becomes_length_grouped_and_kto_needs_two_rows_a_batch() -> None:
-    gpu = Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False, device_name="NVIDIA H100")
-    installed = throughput.Installed(flash_attn=True, liger_kernel=True)
-    speed = throughput.plan(TrainingSpec(), "qlora", gpu, PrecisionChoice("bf16", "test"), installed)
-    assert speed.batching == "padding-free"
-    for_kto = preference.without_padding_free(speed, "kto")
-    assert for_kto.batching == "length-grouped"
-    assert "objective kto" in for_kto.reasons[-1]
-    assert preference.without_padding_free(CPU_PLAN.speed, "kto") is CPU_PLAN.speed
-    # A batch of one is refused by the config (and at apply time: spec.KTO_NEEDS_BATCHES).
+def test_kto_needs_two_rows_a_batch() -> None:
+    """A batch of one is refused by the config (and at apply time: spec.KTO_NEEDS_BATCHES)."""
     one = {"perDeviceTrainBatchSize": 1, "gradientAccumulationSteps": 8}
     with pytest.raises(ValidationError, match="perDeviceTrainBatchSize to 2 or more"):
         TrainerConfig.model_validate(

@@ -104,3 +104,49 @@ def test_impossible_requests_fail_before_loading_anything(
 
 def test_liger_can_be_turned_off_on_a_gpu() -> None:
     assert plan(H100, BF16, ALL, ligerKernel=False).liger_kernel is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "trainer"),
+    [
+        ({"objective": "sft"}, None),
+        ({"objective": "dpo"}, "objective dpo"),
+        ({"objective": "orpo"}, "objective orpo"),
+        ({"objective": "kto"}, "objective kto"),
+        ({"objective": "reward"}, "objective reward"),
+        (
+            {
+                "task": "sequence-classification",
+                "dataset": {"train": "s3://data/train.jsonl", "format": "classification"},
+            },
+            "task sequence-classification",
+        ),
+    ],
+)
+def test_padding_free_is_for_sft_only(
+    monkeypatch: pytest.MonkeyPatch, overrides: dict[str, object], trainer: str | None
+) -> None:
+    """The pipeline's plan on a GPU with flash attention: padding-free (auto) for sft on a causal
+    LM; length-grouped, with the reason logged, for the trainers whose collators pad."""
+    from kubetune_api.trainer import TrainerConfig
+    from kubetune_trainer import hardware, train
+
+    monkeypatch.setattr(hardware, "probe", lambda: H100)
+    monkeypatch.setattr(throughput, "installed", lambda: ALL)
+    base = {
+        "model": {"source": "s3://models/tiny"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/run"},
+    }
+    training = {"perDeviceTrainBatchSize": 2}
+    cfg = TrainerConfig.model_validate({**base, "training": training, **overrides})
+    speed = train.plan_hardware(cfg)[3]
+    if trainer is None:
+        assert speed.batching == "padding-free"
+        return
+    assert speed.batching == "length-grouped"
+    assert (
+        speed.reasons[-1]
+        == f"batching: length-grouped ({trainer}: the collator pads, no padding-free batches)"
+    )
+    assert throughput.without_padding_free(speed, trainer) is speed

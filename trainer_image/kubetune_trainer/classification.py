@@ -22,7 +22,6 @@ class of the label set.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -32,8 +31,6 @@ from typing import Any, Final
 from kubetune_api.spec import TrainingSpec
 
 from . import batching, sft, throughput
-
-log = logging.getLogger(__name__)
 
 #: ``training`` fields that do not reach TrainingArguments, and why (refused at apply time).
 NOT_APPLICABLE: Final = {
@@ -79,17 +76,6 @@ def arguments(training: TrainingSpec, plan: sft.Plan, output_dir: Path) -> Any:
     from transformers import TrainingArguments
 
     return training_arguments(TrainingArguments, training, plan, output_dir)
-
-
-def batching_for_rows(speed: throughput.ThroughputPlan, what: str) -> throughput.ThroughputPlan:
-    """The throughput plan with a batching a padding collator can do: padding-free (the auto
-    choice with flash attention) becomes length-grouped; an explicit padding-free is refused at
-    apply time."""
-    if speed.batching != "padding-free":
-        return speed
-    reason = f"batching: length-grouped ({what}: the collator pads, no padding-free batches)"
-    log.info("%s", reason)
-    return dataclasses.replace(speed, batching="length-grouped", reasons=(*speed.reasons, reason))
 
 
 def tokenized(dataset: Any, tokenizer: Any, max_length: int) -> Any:

@@ -13,15 +13,12 @@ on the same weights (no second copy of the model in memory).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Final
 
 from kubetune_api.spec import DpoSpec, TrainingSpec
 
 from . import preference, reporting, sft, throughput
-
-log = logging.getLogger(__name__)
 
 #: ``training`` fields that do not reach DPOConfig, and why (each is refused at apply time with
 #: objective dpo: spec.NO_PACKING).
@@ -61,12 +58,6 @@ def dpo_config(training: TrainingSpec, spec: DpoSpec | None, plan: sft.Plan, out
         section=section(spec or DpoSpec()),
         not_applicable=NOT_APPLICABLE,
     )
-
-
-def batching_for_dpo(speed: throughput.ThroughputPlan) -> throughput.ThroughputPlan:
-    """The throughput plan with a batching TRL's DPO collator can do (length-grouped for
-    padding-free: TRL 1.16's DPO pads every batch, its padding_free falls back to padding)."""
-    return preference.without_padding_free(speed, "dpo")
 
 
 def pair_lengths(dataset: Any) -> list[int]:

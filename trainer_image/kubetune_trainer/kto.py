@@ -19,15 +19,12 @@ The order is the same every epoch.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Final
 
 from kubetune_api.spec import KtoSpec, TrainingSpec
 
 from . import batching, dataset, preference, reporting, sft, throughput
-
-log = logging.getLogger(__name__)
 
 #: ``training`` fields that do not reach KTOConfig, and why (each refused at apply time).
 NOT_APPLICABLE: Final = {"packing": preference.NO_PACKING}

@@ -1,5 +1,5 @@
-"""What TRL's preference trainers (DPO, ORPO, KTO) share: the config from the declared map, their
-batching, and the reward metrics.
+"""What TRL's preference trainers (DPO, ORPO, KTO, reward) share: the config from the declared
+map, their length-grouped order, and the reward metrics.
 
 Each objective's module (:mod:`.dpo`, :mod:`.orpo`, :mod:`.kto`) names its TRL config and trainer,
 the ``training`` fields that do not apply to it and its own section's map; the rest is here and
@@ -11,7 +11,6 @@ each objective fail when a ``training`` field is in none of these places.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
@@ -19,9 +18,7 @@ from typing import Any, Final
 
 from kubetune_api.spec import TrainingSpec
 
-from . import batching, sft, throughput
-
-log = logging.getLogger(__name__)
+from . import batching, sft
 
 #: Why ``training.packing`` does not apply to the preference trainers (refused at apply time:
 #: spec.NO_PACKING).
@@ -82,19 +79,6 @@ def build_config(
         **section,
         **fixed_arguments(plan, output_dir),
     )
-
-
-def without_padding_free(speed: throughput.ThroughputPlan, objective: str) -> throughput.ThroughputPlan:
-    """The throughput plan with a batching the preference trainers can do.
-
-    padding-free (the auto choice with flash attention) becomes length-grouped: TRL 1.16's DPO,
-    ORPO and KTO collators pad every batch. An explicit padding-free is refused at apply time.
-    """
-    if speed.batching != "padding-free":
-        return speed
-    reason = f"batching: length-grouped (objective {objective}: TRL's collator pads, no padding-free batches)"
-    log.info("%s", reason)
-    return dataclasses.replace(speed, batching="length-grouped", reasons=(*speed.reasons, reason))
 
 
 def pair_lengths(prompts: list[Any], chosen: list[Any], rejected: list[Any]) -> list[int]:

@@ -13,6 +13,7 @@ longest of their batch are faster (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import Literal
@@ -154,3 +155,15 @@ def plan(
             f"optimizer: {optim} ({optim_why})",
         ),
     )
+
+
+def without_padding_free(speed: ThroughputPlan, trainer: str) -> ThroughputPlan:
+    """``speed`` with a batching a padding collator can do, for the objectives and the task whose
+    ``trainer`` (e.g. ``objective dpo``, ``task sequence-classification``) pads every batch: TRL
+    1.16's DPO, ORPO, KTO and reward collators and transformers' DataCollatorWithPadding.
+    padding-free (the auto choice with flash attention) becomes length-grouped, with the reason
+    added; an explicit padding-free is refused at apply time (spec.NO_PADDING_FREE)."""
+    if speed.batching != "padding-free":
+        return speed
+    reason = f"batching: length-grouped ({trainer}: the collator pads, no padding-free batches)"
+    return dataclasses.replace(speed, batching="length-grouped", reasons=(*speed.reasons, reason))

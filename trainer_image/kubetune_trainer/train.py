@@ -33,7 +33,6 @@ from . import (
     lossplot,
     modeling,
     orpo,
-    preference,
     preflight,
     reporting,
     results,
@@ -163,12 +162,12 @@ def plan_hardware(
     gc = checkpointing if checkpointing is not None else hw.cuda
     log.info("gradient checkpointing: %s", "on" if gc else "off")
     speed = throughput.plan(cfg.training, cfg.method, hw, precision, throughput.installed())
+    if cfg.task == "sequence-classification":
+        speed = throughput.without_padding_free(speed, "task sequence-classification")
+    elif cfg.objective != "sft":
+        speed = throughput.without_padding_free(speed, f"objective {cfg.objective}")
     for reason in speed.reasons:
         log.info("%s", reason)
-    if cfg.task == "sequence-classification":
-        speed = classification.batching_for_rows(speed, "task sequence-classification")
-    elif cfg.objective in ("dpo", "orpo", "kto", "reward"):
-        speed = preference.without_padding_free(speed, cfg.objective)
     return hw, precision, gc, speed
 
 
@@ -218,7 +217,7 @@ def build(ctx: RunContext, data: dataset.ValidatedData, tracker: tracking.Tracke
     cfg = ctx.cfg
     hw, precision, gc, speed = plan_hardware(cfg)
     with local_main_first():
-        source = modeling.resolve_source(cfg.model, ctx.store, ctx.work_dir)
+        source = modeling.resolve_source(cfg.model, ctx.store, ctx.work_dir, cfg.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     assistant_mask = (
         cfg.objective == "sft" and data.format == "chat" and sft.chat_uses_assistant_mask(tokenizer)
