@@ -11,11 +11,49 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.spec import TrainingSpec
 from kubetune_localenv.tinymodel import text_records
 from kubetune_trainer import batching
 from kubetune_trainer.errors import InvalidConfigError
 
 from .conftest import TrainerRun, to_jsonl, upload_folder
+
+
+def _sampled_lengths(trainer_class: type, rows: dict[str, list[list[int]]], batch_size: int) -> list[int]:
+    """The lengths a trainer class's training sampler orders the rows by (no trainer built: only
+    the attributes ``_get_train_sampler`` reads)."""
+    from datasets import Dataset
+
+    trainer: Any = object.__new__(trainer_class)
+    trainer.train_dataset = Dataset.from_dict(rows)
+    trainer.args = type("Args", (), {"per_device_train_batch_size": batch_size, "seed": 0})()
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, batching.LengthGroupedSampler)
+    assert sampler.batch_size == batch_size
+    return list(sampler.lengths)
+
+
+def test_every_length_grouped_trainer_samples_by_its_own_rows() -> None:
+    """Each objective's length-grouped trainer class orders the rows by the lengths its collator
+    pads to: SFT and classification by the row, DPO by the prompt and longer response, ORPO and
+    reward by the longer of the two rows."""
+    from kubetune_trainer import classification, dpo, orpo, reward, sft, throughput
+    from kubetune_trainer.hardware import Hardware, PrecisionChoice
+
+    cpu = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False, device_name="cpu")
+    none = throughput.Installed(flash_attn=False, liger_kernel=False)
+    speed = throughput.plan(TrainingSpec(), "lora", cpu, PrecisionChoice("fp32", "test"), none)
+    assert speed.batching == "length-grouped"
+    rows = {"input_ids": [[1] * 3, [1] * 5]}
+    pairs = {"prompt_ids": [[1] * 2, [1]], "chosen_ids": [[1] * 4, [1]], "rejected_ids": [[1], [1] * 6]}
+    orpo_pairs = {"chosen_input_ids": [[1] * 4, [1]], "rejected_input_ids": [[1], [1] * 6]}
+    assert _sampled_lengths(sft.trainer_class(speed), rows, 2) == [3, 5]
+    assert _sampled_lengths(classification.trainer_class(speed), rows, 2) == [3, 5]
+    assert _sampled_lengths(dpo.trainer_class(speed), pairs, 2) == [6, 7]
+    assert _sampled_lengths(orpo.trainer_class(speed), orpo_pairs, 2) == [4, 6]
+    assert _sampled_lengths(reward.trainer_class(speed), pairs, 2) == [4, 6]
+    assert classification.trainer_class(speed).__name__ == "LengthGroupedTrainer"
+    assert sft.trainer_class(speed).__name__ == "LengthGroupedSFTTrainer"
 
 
 def long_tailed_lengths(count: int, seed: int = 0) -> list[int]:

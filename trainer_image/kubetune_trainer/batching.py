@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from typing import Any, Final
 
@@ -95,18 +95,27 @@ def row_lengths(dataset: Any) -> list[int]:
 
 
 @cache
+def length_grouped(trainer_class: type, lengths: Callable[[Any], list[int]]) -> type:
+    """``trainer_class`` (any transformers Trainer: TRL's SFT, DPO, ORPO and reward trainers,
+    transformers' own for classification) whose training batches come in length-grouped order, by
+    the ``lengths`` of its prepared training rows. Named ``LengthGrouped`` + the class's name."""
+
+    class LengthGrouped(trainer_class):  # type: ignore[misc]
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            return LengthGroupedSampler(
+                lengths(dataset), self.args.per_device_train_batch_size, self.args.seed
+            )
+
+    LengthGrouped.__name__ = LengthGrouped.__qualname__ = f"LengthGrouped{trainer_class.__name__}"
+    return LengthGrouped
+
+
 def length_grouped_trainer_class() -> type:
     """TRL's SFTTrainer whose training batches come in length-grouped order."""
     from trl.trainer.sft_trainer import SFTTrainer
 
-    class LengthGroupedSFTTrainer(SFTTrainer):
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            return LengthGroupedSampler(
-                row_lengths(dataset), self.args.per_device_train_batch_size, self.args.seed
-            )
-
-    return LengthGroupedSFTTrainer
+    return length_grouped(SFTTrainer, row_lengths)
 
 
 @cache

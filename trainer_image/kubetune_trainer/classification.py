@@ -139,30 +139,11 @@ class Metrics:
         return {name: self.latest[name] for name in EVAL_METRICS}
 
 
-def length_grouped_trainer_class() -> type:
-    """transformers' Trainer whose training batches come in kubetune's length-grouped order."""
-    return _length_grouped_class()
-
-
-@cache
-def _length_grouped_class() -> type:
-    from transformers import Trainer
-
-    class LengthGroupedTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            return batching.LengthGroupedSampler(
-                batching.row_lengths(dataset), self.args.per_device_train_batch_size, self.args.seed
-            )
-
-    return LengthGroupedTrainer
-
-
 def trainer_class(speed: throughput.ThroughputPlan) -> type:
     from transformers import Trainer
 
     if speed.batching == "length-grouped":
-        return length_grouped_trainer_class()
+        return batching.length_grouped(Trainer, batching.row_lengths)
     trainer: type = Trainer
     return trainer
 

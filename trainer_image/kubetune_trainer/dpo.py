@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from kubetune_api.spec import DpoSpec, TrainingSpec
 
-from . import preference, reporting, sft, throughput
+from . import batching, preference, reporting, sft, throughput
 
 #: ``training`` fields that do not reach DPOConfig, and why (each is refused at apply time with
 #: objective dpo: spec.NO_PACKING).
@@ -71,7 +71,7 @@ def trainer_class(speed: throughput.ThroughputPlan) -> type:
     from trl.trainer.dpo_trainer import DPOTrainer
 
     if speed.batching == "length-grouped":
-        return preference.length_grouped(DPOTrainer, pair_lengths)
+        return batching.length_grouped(DPOTrainer, pair_lengths)
     trainer: type = DPOTrainer
     return trainer
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from kubetune_api.spec import OrpoSpec, TrainingSpec
 
-from . import preference, reporting, sft, throughput
+from . import batching, preference, reporting, sft, throughput
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def trainer_class(speed: throughput.ThroughputPlan) -> type:
     order) ORPOTrainer."""
     trainer: type = _experimental()[1]
     if speed.batching == "length-grouped":
-        return preference.length_grouped(trainer, pair_lengths)
+        return batching.length_grouped(trainer, pair_lengths)
     return trainer
 
 

@@ -11,14 +11,14 @@ each objective fail when a ``training`` field is in none of these places.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
 from kubetune_api.spec import TrainingSpec
 
-from . import batching, sft
+from . import sft
 
 #: Why ``training.packing`` does not apply to the preference trainers (refused at apply time:
 #: spec.NO_PACKING).
@@ -85,22 +85,6 @@ def pair_lengths(prompts: list[Any], chosen: list[Any], rejected: list[Any]) -> 
     """Token counts of tokenized pairs: the prompt and the longer response (a pair's chosen and
     rejected rows are padded to the batch's longest)."""
     return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
-
-
-@cache
-def length_grouped(trainer_class: type, lengths: Callable[[Any], list[int]]) -> type:
-    """``trainer_class`` whose training batches come in kubetune's length-grouped order, by the
-    ``lengths`` of its prepared training rows."""
-
-    class LengthGrouped(trainer_class):  # type: ignore[misc]
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            return batching.LengthGroupedSampler(
-                lengths(dataset), self.args.per_device_train_batch_size, self.args.seed
-            )
-
-    LengthGrouped.__name__ = LengthGrouped.__qualname__ = f"LengthGrouped{trainer_class.__name__}"
-    return LengthGrouped
 
 
 def reward_metrics(log_history: list[dict[str, Any]], names: Mapping[str, str]) -> dict[str, Any]:

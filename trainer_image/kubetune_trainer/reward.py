@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from kubetune_api.spec import TrainingSpec
 
-from . import preference, sft, throughput
+from . import batching, preference, sft, throughput
 from .errors import InvalidDataError
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def renaming_trainer_class() -> type:
 def trainer_class(speed: throughput.ThroughputPlan) -> type:
     """With kubetune's length-grouped sampler (by :func:`pair_lengths`), or TRL's own random order."""
     if speed.batching == "length-grouped":
-        return preference.length_grouped(renaming_trainer_class(), pair_lengths)
+        return batching.length_grouped(renaming_trainer_class(), pair_lengths)
     return renaming_trainer_class()
 
 
