@@ -335,6 +335,20 @@ class SecretKeyRef(ApiModel):
     """Key in the Secret that holds the token."""
 
 
+class ModelCacheSpec(ApiModel):
+    """A PersistentVolumeClaim that keeps downloaded s3:// base models, so that a retried, resumed or
+    later pod of a job on the same model reads it from the volume instead of object storage."""
+
+    claim_name: SecretName
+    """Name of the PersistentVolumeClaim, in the FineTuneJob's namespace. ReadWriteMany shares it
+    across nodes (and jobs); ReadWriteOnce serves the pods of one node. Size it for the models it
+    holds: each takes its size on disk once, however many jobs use it."""
+    max_size: Quantity | None = None
+    """Before downloading a model that is not cached, the least recently used other models are
+    removed until the cache, the new one included, fits this size. Unset: nothing is removed (the
+    volume's own size limits the cache; a full volume fails the download)."""
+
+
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
@@ -360,6 +374,10 @@ class ModelSpec(ApiModel):
     as a read-only file (never an environment variable); never copied."""
     trust_remote_code: bool = False
     """Allow the model's own Python code from the hub to run (transformers trust_remote_code)."""
+    cache: ModelCacheSpec | None = None
+    """Keep the downloaded s3:// model on a PersistentVolumeClaim, keyed by its source and the
+    listing of its objects (keys, sizes, ETags), checked before use; unset: each pod downloads it
+    into its scratch disk. Hub models are cached there too (huggingface_hub's cache, by revision)."""
 
     @property
     def is_s3(self) -> bool:

@@ -172,6 +172,9 @@ class TrainerConfig(ApiModel):
     """Local scratch folder (an emptyDir in the pod): downloads, checkpoints before upload."""
     secret_files: SecretFilesSpec = SecretFilesSpec()
     """Which Secrets the pod has as files."""
+    model_cache_dir: str | None = Field(default=None, min_length=1)
+    """Where spec.model.cache's volume is mounted (wellknown.MODEL_CACHE_DIR); unset: no cache.
+    Not part of the fingerprint: a run resumes with or without a cache."""
     scratch_bytes: int | None = Field(default=None, ge=0)
     """The scratch volume's size limit (spec.resources.scratch); unset: the disk's free space."""
 
@@ -219,6 +222,7 @@ class TrainerConfig(ApiModel):
             processes=spec.resources.processes,
             distributed=spec.distributed,
             scratch_bytes=None if scratch is None else int(quantity_value(scratch)),
+            model_cache_dir=None if spec.model.cache is None else wellknown.MODEL_CACHE_DIR,
             secret_files=SecretFilesSpec(
                 storage_credentials=spec.storage.credentials_secret_ref is not None,
                 hub_token=spec.model.token_secret_ref is not None,

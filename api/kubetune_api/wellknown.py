@@ -16,6 +16,8 @@ TERMINATION_MESSAGE_LIMIT: Final = 4096
 #: Writable scratch (an emptyDir): the root filesystem is read-only. The work dir lives under it.
 SCRATCH_DIR: Final = "/tmp"
 WORK_DIR: Final = f"{SCRATCH_DIR}/kubetune"
+#: Where ``spec.model.cache``'s PersistentVolumeClaim is mounted (the trainer config's modelCacheDir).
+MODEL_CACHE_DIR: Final = "/var/cache/kubetune/models"
 #: UID/GID of the trainer image's non-root user (USER 65532:65532 in trainer_image/Dockerfile).
 TRAINER_UID: Final = 65532
 #: The trainer pod's container name (the operator's podFailurePolicy and status, the CLI's logs).

@@ -234,6 +234,9 @@ def trainer_env(ftj: Body) -> list[Obj]:
     if spec.model.token_secret_ref is not None:
         hub_token = f"{wellknown.HUB_TOKEN_DIR}/{wellknown.HUB_TOKEN_FILE}"
         env.append({"name": wellknown.ENV_HUB_TOKEN_PATH, "value": hub_token})
+    if spec.model.cache is not None:
+        # Hub models go to huggingface_hub's own cache (by revision, with its file locks) there.
+        env.append({"name": "HF_HUB_CACHE", "value": f"{wellknown.MODEL_CACHE_DIR}/hub"})
     return env
 
 
@@ -307,6 +310,15 @@ def _secret_volumes(spec: FineTuneJobSpec) -> list[tuple[Obj, Obj]]:
     return found
 
 
+def _cache_volumes(spec: FineTuneJobSpec) -> list[tuple[Obj, Obj]]:
+    """spec.model.cache's PersistentVolumeClaim, mounted where the config's modelCacheDir says."""
+    cache = spec.model.cache
+    if cache is None:
+        return []
+    volume = {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    return [(volume, {"name": "model-cache", "mountPath": wellknown.MODEL_CACHE_DIR})]
+
+
 def _volumes(ftj: Body, spec: FineTuneJobSpec) -> list[Obj]:
     name = _meta(ftj)["name"]
     shm: Obj = {"medium": "Memory"}
@@ -326,6 +338,7 @@ def _volumes(ftj: Body, spec: FineTuneJobSpec) -> list[Obj]:
         {"name": "scratch", "emptyDir": scratch},
         {"name": "dshm", "emptyDir": shm},
         *(volume for volume, _ in _secret_volumes(spec)),
+        *(volume for volume, _ in _cache_volumes(spec)),
     ]
 
 
@@ -343,6 +356,7 @@ def trainer_container(ftj: Body, image: str) -> Obj:
             {"name": "scratch", "mountPath": wellknown.SCRATCH_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
             *(mount for _, mount in _secret_volumes(spec)),
+            *(mount for _, mount in _cache_volumes(spec)),
         ],
         "terminationMessagePath": wellknown.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",

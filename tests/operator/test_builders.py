@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_api import coordinates
+from kubetune_api import coordinates, wellknown
 from kubetune_api.exitcodes import ExitCode
 from kubetune_api.spec import quantization_bits
 from kubetune_api.trainer import TrainerConfig
@@ -232,6 +232,28 @@ def test_no_secret_volumes_or_env_without_secret_refs(make_ftj: Any) -> None:
     env = _env(job)
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "HF_TOKEN_PATH"} & set(env)
     assert [v["name"] for v in job["spec"]["template"]["spec"]["volumes"]] == ["config", "scratch", "dshm"]
+
+
+def test_model_cache_mounts_its_claim_and_tells_the_trainer_and_the_hub_where(make_ftj: Any) -> None:
+    model = {**make_ftj()["spec"]["model"], "cache": {"claimName": "shared-models", "maxSize": "500Gi"}}
+    ftj = make_ftj(model=model)
+    job = builders.job(ftj, TRAINER_IMAGE)
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model-cache"] == {
+        "name": "model-cache",
+        "persistentVolumeClaim": {"claimName": "shared-models"},
+    }
+    mounts = {m["name"]: m["mountPath"] for m in _container(job)["volumeMounts"]}
+    assert mounts["model-cache"] == wellknown.MODEL_CACHE_DIR
+    assert _env(job)["HF_HUB_CACHE"]["value"] == f"{wellknown.MODEL_CACHE_DIR}/hub"
+    config = TrainerConfig.model_validate_json(builders.config_map(ftj)["data"]["config.json"])
+    assert config.model_cache_dir == wellknown.MODEL_CACHE_DIR
+    assert config.model.cache is not None
+    assert config.model.cache.max_size == "500Gi"
+    # Not part of what the run is: the same job with or without a cache resumes the same checkpoints.
+    plain = TrainerConfig.model_validate_json(builders.config_map(make_ftj())["data"]["config.json"])
+    assert config.fingerprint() == plain.fingerprint()
+    assert plain.model_cache_dir is None
 
 
 def test_scratch_size_limits_the_emptydir_and_requests_ephemeral_storage(make_ftj: Any) -> None:

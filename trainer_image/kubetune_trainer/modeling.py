@@ -21,10 +21,12 @@ from kubetune_api.spec import (
     ModelSpec,
     PrefixTuningSpec,
     PromptTuningSpec,
+    quantity_value,
     quantization_bits,
 )
 from kubetune_api.trainer import TrainerConfig
 
+from . import modelcache
 from .errors import InvalidConfigError, ObjectAccessError
 from .hardware import PrecisionChoice
 from .storage import ObjectStore
@@ -56,10 +58,20 @@ def hub_token() -> str | None:
     return None
 
 
-def resolve_source(spec: ModelSpec, store: ObjectStore, work_dir: Path) -> str:
-    """A local folder for an ``s3://`` model (downloaded once), else the hub id itself."""
+def resolve_source(spec: ModelSpec, store: ObjectStore, work_dir: Path, cache_dir: str | None = None) -> str:
+    """A local folder for an ``s3://`` model (downloaded once, into the model cache when the job
+    has one), else the hub id itself."""
     if not spec.is_s3:
         return spec.source
+    if cache_dir is not None:
+        max_size = None if spec.cache is None else spec.cache.max_size
+        max_bytes = None if max_size is None else int(quantity_value(max_size))
+        try:
+            return str(modelcache.fetch(store, spec.source, Path(cache_dir), max_bytes))
+        except ObjectAccessError as err:
+            raise ObjectAccessError(
+                spec.source, f"{err.reason}: model.source must name a folder written by save_pretrained"
+            ) from err
     dest = work_dir / "base-model"
     if not (dest / "config.json").exists():
         try:

@@ -113,10 +113,11 @@ def scratch_need(cfg: TrainerConfig, store: ObjectStore, work_dir: Path) -> Scra
     data = store.size(cfg.dataset.train)
     if cfg.dataset.validation is not None:
         data += store.size(cfg.dataset.validation)
-    model = 0
-    if cfg.model.is_s3 and not (work_dir / "base-model" / "config.json").exists():
-        model = sum(size for _, size in store.list_keys(cfg.model.source))
-    return ScratchNeed(model=model, data=data, merged=model if cfg.output.merge_adapter else 0)
+    listed = sum(size for _, size in store.list_keys(cfg.model.source)) if cfg.model.is_s3 else 0
+    # The model goes to the model cache's volume, or is already in scratch (a restarted container).
+    in_scratch = cfg.model_cache_dir is None and not (work_dir / "base-model" / "config.json").exists()
+    model = listed if in_scratch else 0
+    return ScratchNeed(model=model, data=data, merged=listed if cfg.output.merge_adapter else 0)
 
 
 def scratch_free(cfg: TrainerConfig, work_dir: Path) -> int:

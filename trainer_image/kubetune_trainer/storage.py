@@ -196,6 +196,11 @@ class ObjectStore:
 
     def list_keys(self, prefix_uri: str) -> Iterator[tuple[str, int]]:
         """Every ``(key, size)`` under ``prefix_uri`` (treated as a folder)."""
+        for key, size, _etag in self.list_objects(prefix_uri):
+            yield key, size
+
+    def list_objects(self, prefix_uri: str) -> Iterator[tuple[str, int, str]]:
+        """Every ``(key, size, ETag)`` under ``prefix_uri`` (treated as a folder)."""
         from botocore.exceptions import ClientError
 
         bucket, prefix = split_s3_uri(prefix_uri)
@@ -204,7 +209,7 @@ class ObjectStore:
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"], obj.get("Size", 0)
+                    yield obj["Key"], obj.get("Size", 0), obj.get("ETag", "")
         except ClientError as exc:
             raise self._wrap(exc, prefix_uri) from exc
 

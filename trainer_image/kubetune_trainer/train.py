@@ -217,7 +217,7 @@ def build(ctx: RunContext, data: dataset.ValidatedData, tracker: tracking.Tracke
     cfg = ctx.cfg
     hw, precision, gc, speed = plan_hardware(cfg)
     with local_main_first():
-        source = modeling.resolve_source(cfg.model, ctx.store, ctx.work_dir)
+        source = modeling.resolve_source(cfg.model, ctx.store, ctx.work_dir, cfg.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     assistant_mask = (
         cfg.objective == "sft" and data.format == "chat" and sft.chat_uses_assistant_mask(tokenizer)
