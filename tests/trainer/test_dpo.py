@@ -63,7 +63,7 @@ def test_every_training_field_reaches_dpo_config_or_is_declared() -> None:
         f"reach neither DPOConfig nor a translation: {fields - passed - translated - elsewhere}"
     )
     assert set(DpoSpec.model_fields) == set(dpo.DPO_SECTION)
-    assert set(dpo.DPO_SECTION.values()) <= dpo.dpo_fields()
+    assert set(dpo.DPO_SECTION.values()) <= sft.config_fields(dpo.config_class())
 
 
 def test_dpo_config_carries_the_spec_the_section_and_the_plan(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ def unpaired_records(n: int) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("objective", sorted(SECTIONS))
 def test_every_training_field_reaches_the_config_or_is_declared(objective: str) -> None:
     module, section, spec_class = SECTIONS[objective]
-    config_fields = module.preference.config_fields(module.config_class())
+    config_fields = sft.config_fields(module.config_class())
     fields = set(TrainingSpec.model_fields)
     passed = set(module.same_named(TrainingSpec()))
     translated = set(sft.TRANSLATED)

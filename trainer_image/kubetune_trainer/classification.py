@@ -21,10 +21,8 @@ class of the label set.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,17 +45,9 @@ EVAL_METRICS: Final = {
 }
 
 
-@cache
-def argument_fields(cls: type) -> frozenset[str]:
-    """The argument names of a TrainingArguments class (transformers' or one of TRL's configs)."""
-    return frozenset(f.name for f in dataclasses.fields(cls))
-
-
 def same_named(training: TrainingSpec, cls: type) -> dict[str, Any]:
     """The ``training`` fields ``cls`` takes under their own (snake_case) names."""
-    skip = sft.TRANSLATED.keys() | sft.READ_AT_LOAD | NOT_APPLICABLE.keys() | READ_AT_TOKENIZATION
-    names = argument_fields(cls) - skip
-    return {name: getattr(training, name) for name in type(training).model_fields if name in names}
+    return sft.passed_as_is(training, cls, NOT_APPLICABLE.keys() | READ_AT_TOKENIZATION)
 
 
 def training_arguments(
@@ -66,7 +56,7 @@ def training_arguments(
     """``cls`` (TrainingArguments or a TRL config) from the declared map: the same-named fields,
     SFT's translations and fixed choices that ``cls`` has (so ``max_length`` reaches a TRL config
     that has one, and nothing reaches one that has not), then ``extra``."""
-    names = argument_fields(cls)
+    names = sft.config_fields(cls)
     translated = {k: v for k, v in sft.translated(training, plan).items() if k in names}
     fixed = {k: v for k, v in sft.fixed_arguments(plan, output_dir).items() if k in names}
     return cls(**same_named(training, cls), **translated, **fixed, **extra)

@@ -35,13 +35,9 @@ def config_class() -> type:
     return DPOConfig
 
 
-def dpo_fields() -> frozenset[str]:
-    return preference.config_fields(config_class())
-
-
 def same_named(training: TrainingSpec) -> dict[str, Any]:
     """The ``training`` fields DPOConfig takes under their own (snake_case) names."""
-    return preference.same_named(training, config_class(), NOT_APPLICABLE)
+    return sft.passed_as_is(training, config_class(), NOT_APPLICABLE.keys())
 
 
 def section(spec: DpoSpec) -> dict[str, Any]:

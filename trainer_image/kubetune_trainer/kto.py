@@ -54,13 +54,9 @@ def config_class() -> type:
     return KTOConfig
 
 
-def kto_fields() -> frozenset[str]:
-    return preference.config_fields(config_class())
-
-
 def same_named(training: TrainingSpec) -> dict[str, Any]:
     """The ``training`` fields KTOConfig takes under their own (snake_case) names."""
-    return preference.same_named(training, config_class(), NOT_APPLICABLE)
+    return sft.passed_as_is(training, config_class(), NOT_APPLICABLE.keys())
 
 
 def section(spec: KtoSpec) -> dict[str, Any]:

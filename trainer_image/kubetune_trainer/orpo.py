@@ -54,13 +54,9 @@ def config_class() -> type:
     return _experimental()[0]
 
 
-def orpo_fields() -> frozenset[str]:
-    return preference.config_fields(config_class())
-
-
 def same_named(training: TrainingSpec) -> dict[str, Any]:
     """The ``training`` fields ORPOConfig takes under their own (snake_case) names."""
-    return preference.same_named(training, config_class(), NOT_APPLICABLE)
+    return sft.passed_as_is(training, config_class(), NOT_APPLICABLE.keys())
 
 
 def section(spec: OrpoSpec) -> dict[str, Any]:

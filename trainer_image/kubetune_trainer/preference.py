@@ -10,9 +10,7 @@ each objective fail when a ``training`` field is in none of these places.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,21 +25,6 @@ NO_PACKING: Final = "TRL's preference trainers do not pack: each prompt is batch
 SFT_ONLY_FIXED: Final = frozenset({"assistant_only_loss", "packing_strategy"})
 
 
-@cache
-def config_fields(config_class: type) -> frozenset[str]:
-    """The argument names of a TRL config dataclass."""
-    return frozenset(field.name for field in dataclasses.fields(config_class))
-
-
-def same_named(
-    training: TrainingSpec, config_class: type, not_applicable: Mapping[str, str]
-) -> dict[str, Any]:
-    """The ``training`` fields the config takes under their own (snake_case) names."""
-    skip = sft.TRANSLATED.keys() | sft.READ_AT_LOAD | not_applicable.keys()
-    names = config_fields(config_class) - skip
-    return {name: getattr(training, name) for name in type(training).model_fields if name in names}
-
-
 def translated(training: TrainingSpec, plan: sft.Plan, config_class: type) -> dict[str, Any]:
     """SFT's translations, with the preference trainers' own length handling: TRL truncates every
     row at ``max_length`` itself (keep the start), and none of them batches padding-free (DPO's
@@ -51,7 +34,7 @@ def translated(training: TrainingSpec, plan: sft.Plan, config_class: type) -> di
         "max_length": training.max_seq_length,
         "padding_free": False,
     }
-    return {name: value for name, value in arguments.items() if name in config_fields(config_class)}
+    return {name: value for name, value in arguments.items() if name in sft.config_fields(config_class)}
 
 
 def fixed_arguments(plan: sft.Plan, output_dir: Path) -> dict[str, Any]:
@@ -74,7 +57,7 @@ def build_config(
     """The TRL config: same-named ``training`` fields, SFT's translations, the objective's section
     (already mapped to TRL's names) and kubetune's fixed choices."""
     return config_class(
-        **same_named(training, config_class, not_applicable),
+        **sft.passed_as_is(training, config_class, not_applicable.keys()),
         **translated(training, plan, config_class),
         **section,
         **fixed_arguments(plan, output_dir),

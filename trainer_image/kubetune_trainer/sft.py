@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -53,20 +54,33 @@ class Plan:
 
 
 @cache
+def config_fields(config_class: type) -> frozenset[str]:
+    """The argument names of a TrainingArguments dataclass: transformers' own, SFTConfig, or the
+    other TRL configs (DPO, ORPO, KTO, reward)."""
+    return frozenset(field.name for field in dataclasses.fields(config_class))
+
+
+def passed_as_is(
+    training: TrainingSpec, config_class: type, not_applicable: Collection[str] = ()
+) -> dict[str, Any]:
+    """The ``training`` fields ``config_class`` takes under their own (snake_case) names: those it
+    has, less :data:`TRANSLATED`, :data:`READ_AT_LOAD` and the caller's ``not_applicable``."""
+    skip = TRANSLATED.keys() | READ_AT_LOAD | set(not_applicable)
+    names = config_fields(config_class) - skip
+    return {name: getattr(training, name) for name in type(training).model_fields if name in names}
+
+
 def sft_fields() -> frozenset[str]:
     from trl.trainer.sft_config import SFTConfig
 
-    return frozenset(field.name for field in dataclasses.fields(SFTConfig))
+    return config_fields(SFTConfig)
 
 
 def same_named(training: TrainingSpec) -> dict[str, Any]:
     """The ``training`` fields SFTConfig takes under their own (snake_case) names."""
-    names = sft_fields()
-    return {
-        name: getattr(training, name)
-        for name in type(training).model_fields
-        if name in names - TRANSLATED.keys() - READ_AT_LOAD
-    }
+    from trl.trainer.sft_config import SFTConfig
+
+    return passed_as_is(training, SFTConfig)
 
 
 def translated(training: TrainingSpec, plan: Plan) -> dict[str, Any]:
