@@ -82,9 +82,6 @@ class LabelSet:
         """The class index of a label that is in the set."""
         return label if isinstance(label, int) else self.names.index(label)
 
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
 
 def given(names: Sequence[str]) -> LabelSet:
     """The set ``classification.labels`` names (the API has checked: 2 or more, each once)."""
