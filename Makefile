@@ -60,6 +60,7 @@ bench: setup tools ## the benchmarks (figures and how they were taken: docs/benc
 	$(VENV_PY) bench/bench_operator_scale.py --jobs 50 --nodes 4
 	$(VENV_PY) bench/bench_cpu_precision.py --steps 20
 	$(VENV_PY) bench/bench_batching.py --steps 20
+	$(VENV_PY) bench/bench_transfers.py --size-mb 512 --rounds 3
 
 # make images: both images with buildah, no Docker engine, no registry (docs/images.md).
 IMAGE_TOOLS := buildah crun mmdebstrap

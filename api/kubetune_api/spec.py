@@ -718,6 +718,12 @@ class StorageSpec(ApiModel):
     """Bucket addressing; most self-hosted servers need path."""
     max_attempts: int = Field(default=8, ge=1, le=50)
     """Attempts per object-storage request, with exponential backoff."""
+    max_concurrency: int = Field(default=16, ge=1, le=128)
+    """Object-storage requests in flight at once while downloading a folder (the model, a
+    checkpoint): across its files and the parts of its large files (s3transfer's TransferManager)."""
+    part_size_mi: int = Field(default=64, ge=5, le=5120)
+    """Part size of multipart transfers, in MiB: objects larger than this move in parts of this
+    size (S3's minimum is 5)."""
     credentials_secret_ref: CredentialsSecretRef | None = None
     """Secret with the access keys, mounted into the trainer as read-only files (never environment
     variables; the values are never copied); a rotated Secret is picked up while training. Unset to

@@ -27,9 +27,9 @@ class CountingStore(ObjectStore):
 
     downloads: list[str] = field(default_factory=list)
 
-    def download_file(self, uri: str, dest: Path) -> Path:
-        self.downloads.append(uri)
-        return super().download_file(uri, dest)
+    def download_many(self, items: list[tuple[str, Path]]) -> list[Path]:
+        self.downloads.extend(uri for uri, _ in items)
+        return super().download_many(items)
 
 
 @pytest.fixture

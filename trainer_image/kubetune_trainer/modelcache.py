@@ -129,8 +129,7 @@ def _download(store: ObjectStore, source: str, objects: Listing, cache: Path, ke
     partial = cache / f"{PARTIAL_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
     bucket, prefix = split_s3_uri(source)
     folder = prefix.rstrip("/") + "/" if prefix else ""
-    for path, _, _ in objects:
-        store.download_file(f"s3://{bucket}/{folder}{path}", partial / path)
+    store.download_many([(f"s3://{bucket}/{folder}{path}", partial / path) for path, _, _ in objects])
     marker: dict[str, Any] = {"source": source, "objects": objects}
     trouble = size_problem(partial, objects)
     if trouble is not None:

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 #: Error codes that no retry can fix: the object or bucket is missing, or access is denied.
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
-_MULTIPART_THRESHOLD = 64 * 1024 * 1024
-_MULTIPART_CHUNK = 64 * 1024 * 1024
+_MI = 1024 * 1024
 #: DeleteObjects rounds per batch (the first try included), and the pause before the second.
 _DELETE_ATTEMPTS = 3
 _DELETE_BACKOFF_S = 0.25
@@ -168,8 +167,9 @@ class ObjectStore:
         # The credential chain starts with the Secret files the operator mounts (credentials.py).
         session = boto3.session.Session(botocore_session=session_with_secret_files())
         client = session.client("s3", endpoint_url=spec.endpoint, config=config)
+        part = spec.part_size_mi * _MI
         transfer = TransferConfig(
-            multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_MULTIPART_CHUNK, max_concurrency=8
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=spec.max_concurrency
         )
         return cls(client=client, transfer=transfer, endpoint=spec.endpoint)
 
@@ -233,15 +233,32 @@ class ObjectStore:
         """Download every object under ``prefix_uri`` into ``dest``, keeping relative paths."""
         bucket, prefix = split_s3_uri(prefix_uri)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        paths: list[Path] = []
+        items: list[tuple[str, Path]] = []
         for key, _size in self.list_keys(prefix_uri):
             rel = key[len(prefix) :]
-            if not rel or rel.endswith("/"):
-                continue
-            paths.append(self.download_file(f"s3://{bucket}/{key}", dest / rel))
-        if not paths:
+            if rel and not rel.endswith("/"):
+                items.append((f"s3://{bucket}/{key}", dest / rel))
+        if not items:
             raise ObjectAccessError(prefix_uri, "no objects under this prefix")
-        return paths
+        return self.download_many(items)
+
+    def download_many(self, items: list[tuple[str, Path]]) -> list[Path]:
+        """Download each ``(uri, dest)`` through one s3transfer TransferManager: up to
+        ``storage.maxConcurrency`` requests at once across the files and the parts of large ones
+        (a loop of ``download_file`` runs one file at a time). The first failure cancels the rest."""
+        from boto3.s3.transfer import create_transfer_manager
+        from botocore.exceptions import ClientError
+
+        for _, dest in items:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        with create_transfer_manager(self.client, self.transfer) as manager:
+            futures = [(uri, manager.download(*split_s3_uri(uri), str(dest))) for uri, dest in items]
+            for uri, future in futures:
+                try:
+                    future.result()
+                except ClientError as exc:
+                    raise self._wrap(exc, uri) from exc
+        return [dest for _, dest in items]
 
     def exists(self, uri: str) -> bool:
         from botocore.exceptions import ClientError
