@@ -12,8 +12,9 @@ import pytest
 
 from kubetune_api.coordinates import GROUP, PLURAL, VERSION
 from kubetune_api.spec import DpoSpec, TrainingSpec
+from kubetune_api.trainer import TrainerConfig
 from kubetune_localenv.tinymodel import COLORS
-from kubetune_trainer import dpo, sft, throughput
+from kubetune_trainer import dpo, kto, modeling, sft, throughput
 from kubetune_trainer.hardware import Hardware, PrecisionChoice
 from kubetune_trainer.reporting import JobRef
 
@@ -124,6 +125,64 @@ def test_the_reference_is_the_base_model_with_the_adapter_disabled(
         base = fresh(input_ids=input_ids).logits
     assert torch.allclose(reference, base, atol=1e-5)
     assert not torch.allclose(policy, base, atol=1e-4)
+
+
+def _job(method: str, objective: str = "dpo", **extra: Any) -> TrainerConfig:
+    return TrainerConfig.model_validate(
+        {
+            "model": {"source": "org/base", "revision": "v2", "trustRemoteCode": True},
+            "dataset": {"train": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://out/run"},
+            "objective": objective,
+            "method": method,
+            "training": {"perDeviceTrainBatchSize": 2},
+            **extra,
+        }
+    )
+
+
+def test_without_an_adapter_trl_loads_the_reference_at_the_policys_revision(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """full and freeze: DPOTrainer loads a frozen reference copy by the policy's name, with
+    DPOConfig's model_init_kwargs; the base's revision and trust_remote_code reach it (TRL's
+    defaults: the hub's default branch, no remote code). With an adapter nothing is loaded."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer import dpo_trainer
+
+    loaded: list[tuple[str, dict[str, Any]]] = []
+
+    def load(model_id: str, **kwargs: Any) -> Any:
+        loaded.append((model_id, kwargs))
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+    monkeypatch.setattr(dpo_trainer, "create_model_from_path", load)
+    caplog.set_level("INFO", logger="kubetune_trainer")
+    cfg = _job("full")
+    model: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config._name_or_path = "org/base"  # as from_pretrained("org/base") sets it
+    trainer = dpo.build_trainer(
+        model,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+        args=dpo.dpo_config(cfg.training, None, CPU_PLAN, tmp_path, modeling.reference_init_kwargs(cfg)),
+        datasets=(Dataset.from_list(preference_records(4)), None),
+        peft_config=None,
+        callbacks=[],
+        speed=CPU_PLAN.speed,
+    )
+    ((model_id, kwargs),) = loaded
+    assert model_id == "org/base"
+    assert (kwargs["revision"], kwargs["trust_remote_code"]) == ("v2", True)
+    assert trainer.ref_model is not None
+    assert "dpo reference: a frozen copy of the base, loaded by TRL with {'revision': 'v2'" in caplog.text
+    freeze = _job("freeze", "kto", freeze={"trainableLayers": 1})
+    args = kto.kto_config(freeze.training, None, CPU_PLAN, tmp_path, modeling.reference_init_kwargs(freeze))
+    assert args.model_init_kwargs == {"revision": "v2", "trust_remote_code": True}
+    lora = _job("lora")
+    assert modeling.reference_init_kwargs(lora) == {}
+    assert dpo.dpo_config(lora.training, None, CPU_PLAN, tmp_path, {}).model_init_kwargs is None
 
 
 # -- a run through the entrypoint ------------------------------------------------------------------

@@ -13,6 +13,7 @@ on the same weights (no second copy of the model in memory).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,7 +46,15 @@ def section(spec: DpoSpec) -> dict[str, Any]:
     return {"beta": spec.beta, "loss_type": [spec.loss_type]}
 
 
-def dpo_config(training: TrainingSpec, spec: DpoSpec | None, plan: sft.Plan, output_dir: Path) -> Any:
+def dpo_config(
+    training: TrainingSpec,
+    spec: DpoSpec | None,
+    plan: sft.Plan,
+    output_dir: Path,
+    reference: Mapping[str, Any] | None = None,
+) -> Any:
+    """The DPOConfig; ``reference``: from_pretrained's arguments for the reference copy TRL loads
+    when no adapter trains (modeling.reference_init_kwargs)."""
     return preference.build_config(
         config_class(),
         training,
@@ -53,6 +62,7 @@ def dpo_config(training: TrainingSpec, spec: DpoSpec | None, plan: sft.Plan, out
         output_dir,
         section=section(spec or DpoSpec()),
         not_applicable=NOT_APPLICABLE,
+        reference=reference,
     )
 
 
@@ -85,6 +95,7 @@ def build_trainer(
     """The DPOTrainer; ``ref_model=None`` with ``peft_config``: the reference is the base model
     with the adapter disabled."""
     train_ds, eval_ds = datasets
+    preference.log_reference("dpo", args, peft_config)
     return trainer_class(speed)(
         model=model,
         ref_model=None,

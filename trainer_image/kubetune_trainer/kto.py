@@ -19,6 +19,7 @@ The order is the same every epoch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,7 +65,15 @@ def section(spec: KtoSpec) -> dict[str, Any]:
     return {argument: getattr(spec, field) for field, argument in KTO_SECTION.items()}
 
 
-def kto_config(training: TrainingSpec, spec: KtoSpec | None, plan: sft.Plan, output_dir: Path) -> Any:
+def kto_config(
+    training: TrainingSpec,
+    spec: KtoSpec | None,
+    plan: sft.Plan,
+    output_dir: Path,
+    reference: Mapping[str, Any] | None = None,
+) -> Any:
+    """The KTOConfig; ``reference``: from_pretrained's arguments for the reference copy TRL loads
+    when no adapter trains (modeling.reference_init_kwargs)."""
     return preference.build_config(
         config_class(),
         training,
@@ -72,6 +81,7 @@ def kto_config(training: TrainingSpec, spec: KtoSpec | None, plan: sft.Plan, out
         output_dir,
         section=section(spec or KtoSpec()),
         not_applicable=NOT_APPLICABLE,
+        reference=reference,
     )
 
 
@@ -112,6 +122,7 @@ def build_trainer(
     from trl.trainer.kto_trainer import KTOTrainer
 
     train_ds, eval_ds = datasets
+    preference.log_reference("kto", args, peft_config)
     order = row_order(train_ds, tokenizer, speed, args.per_device_train_batch_size, args.seed)
     return KTOTrainer(
         model=model,

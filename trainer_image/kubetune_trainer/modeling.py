@@ -17,6 +17,7 @@ from typing import Any
 from kubetune_api import wellknown
 from kubetune_api.spec import (
     LORA_METHODS,
+    PROMPT_LEARNING_METHODS,
     FreezeSpec,
     ModelSpec,
     PrefixTuningSpec,
@@ -227,6 +228,18 @@ def peft_config(cfg: TrainerConfig, tokenizer_path: str) -> Any | None:
         bias="none",
         task_type=peft_task_type(cfg),
     )
+
+
+def reference_init_kwargs(cfg: TrainerConfig) -> dict[str, Any]:
+    """from_pretrained's arguments for the frozen reference copy that TRL's DPO and KTO trainers
+    load when no adapter trains (full, freeze; with an adapter the reference is the base with it
+    disabled, and nothing is loaded): the policy's revision and trust_remote_code, which TRL would
+    otherwise leave at the hub's default branch and False. TRL takes the dtype and attention from
+    the policy, and huggingface_hub finds a hub token through $HF_TOKEN_PATH."""
+    if cfg.method in LORA_METHODS + PROMPT_LEARNING_METHODS:
+        return {}
+    revision = {"revision": cfg.model.revision} if cfg.model.revision else {}
+    return {**revision, "trust_remote_code": cfg.model.trust_remote_code}
 
 
 # -- method freeze ---------------------------------------------------------------------------------

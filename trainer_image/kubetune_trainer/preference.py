@@ -10,6 +10,7 @@ each objective fail when a ``training`` field is in none of these places.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -17,6 +18,8 @@ from typing import Any, Final
 from kubetune_api.spec import TrainingSpec
 
 from . import sft
+
+log = logging.getLogger(__name__)
 
 #: Why ``training.packing`` does not apply to the preference trainers (refused at apply time:
 #: spec.NO_PACKING).
@@ -53,14 +56,17 @@ def build_config(
     *,
     section: Mapping[str, Any],
     not_applicable: Mapping[str, str],
+    reference: Mapping[str, Any] | None = None,
 ) -> Any:
     """The TRL config: same-named ``training`` fields, SFT's translations, the objective's section
-    (already mapped to TRL's names) and kubetune's fixed choices."""
+    (already mapped to TRL's names) and kubetune's fixed choices; ``reference``: how TRL loads a
+    reference copy, when it needs one (``model_init_kwargs``: modeling.reference_init_kwargs)."""
     return config_class(
         **sft.passed_as_is(training, config_class, not_applicable.keys()),
         **translated(training, plan, config_class),
         **section,
         **fixed_arguments(plan, output_dir),
+        **({"model_init_kwargs": dict(reference)} if reference else {}),
     )
 
 
@@ -68,6 +74,17 @@ def pair_lengths(prompts: list[Any], chosen: list[Any], rejected: list[Any]) -> 
     """Token counts of tokenized pairs: the prompt and the longer response (a pair's chosen and
     rejected rows are padded to the batch's longest)."""
     return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+def log_reference(objective: str, args: Any, peft_config: Any | None) -> None:
+    """Say which reference the trainer scores against: the base with the adapter disabled, or
+    (no adapter) the frozen copy TRL loads with ``args.model_init_kwargs``. TRL then warns that
+    model_init_kwargs "will be ignored": that is about the policy, which is loaded already."""
+    if peft_config is not None:
+        log.info("%s reference: the base model with the adapter disabled (no second copy)", objective)
+    else:
+        kwargs = args.model_init_kwargs or {}
+        log.info("%s reference: a frozen copy of the base, loaded by TRL with %s", objective, kwargs)
 
 
 def reward_metrics(log_history: list[dict[str, Any]], names: Mapping[str, str]) -> dict[str, Any]:

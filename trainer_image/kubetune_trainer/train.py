@@ -281,13 +281,15 @@ def make_trainer(
         "callbacks": callbacks,
     }
     if cfg.objective == "dpo":
-        args = dpo.dpo_config(cfg.training, cfg.dpo, plan, ckpt_root)
+        reference = modeling.reference_init_kwargs(cfg)
+        args = dpo.dpo_config(cfg.training, cfg.dpo, plan, ckpt_root, reference)
         return dpo.build_trainer(model, args=args, speed=plan.speed, **common)
     if cfg.objective == "orpo":
         args = orpo.orpo_config(cfg.training, cfg.orpo, plan, ckpt_root)
         return orpo.build_trainer(model, args=args, speed=plan.speed, **common)
     if cfg.objective == "kto":
-        args = kto.kto_config(cfg.training, cfg.kto, plan, ckpt_root)
+        reference = modeling.reference_init_kwargs(cfg)
+        args = kto.kto_config(cfg.training, cfg.kto, plan, ckpt_root, reference)
         return kto.build_trainer(model, args=args, speed=plan.speed, **common)
     if cfg.objective == "reward":
         args = reward.reward_config(cfg.training, plan, ckpt_root)
