@@ -153,6 +153,33 @@ def test_frozen_embeddings_under_gradient_checkpointing_still_train_the_chosen_l
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
+def test_under_fp16_or_fp32_the_trained_weights_are_fp32_and_the_frozen_ones_stay() -> None:
+    """adapter_dtype_fix, after the trainer is built: every trainable weight (all of them with
+    full, the chosen ones with freeze) becomes fp32, as fp16 mixed precision (AMP) needs; the
+    frozen weights keep the loaded dtype; with bf16 nothing changes."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from kubetune_trainer.hardware import PrecisionChoice
+
+    def _fresh(dtype: Any) -> Any:
+        model: Any = LlamaForCausalLM(llama_config(build_tokenizer()))
+        return model.to(dtype)
+
+    full: Any = _fresh(torch.float16)
+    modeling.adapter_dtype_fix(full, PrecisionChoice("fp16", "test"))
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    frozen: Any = _fresh(torch.float16)
+    modeling.apply_freeze(frozen, _config(method="freeze", freeze={"trainableLayers": 1}))
+    modeling.adapter_dtype_fix(frozen, PrecisionChoice("fp16", "test"))
+    dtypes = {n: p.dtype for n, p in frozen.named_parameters()}
+    assert {dtypes[n] for n, p in frozen.named_parameters() if p.requires_grad} == {torch.float32}
+    assert {dtypes[n] for n, p in frozen.named_parameters() if not p.requires_grad} == {torch.float16}
+    bf16: Any = _fresh(torch.bfloat16)
+    modeling.adapter_dtype_fix(bf16, PrecisionChoice("bf16", "test"))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
 # -- the peft config per method --------------------------------------------------------------------
 def test_each_method_gets_its_peft_config() -> None:
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig

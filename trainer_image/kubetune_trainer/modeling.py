@@ -338,10 +338,13 @@ def apply_freeze(model: Any, cfg: TrainerConfig) -> None:
 
 
 def adapter_dtype_fix(model: Any, precision: PrecisionChoice) -> None:
-    """Keep trainable adapter weights in fp32 unless training in bf16.
+    """Keep every trainable weight in fp32 unless training in bf16: an adapter's, and with full or
+    freeze the model's own trained weights (the frozen ones keep the loaded dtype).
 
-    TRL casts a quantized model's adapter to bf16 (the QLoRA paper's choice); on
-    a GPU without bf16 or a CPU without native bf16 that is slow or unsupported.
+    TRL casts a quantized model's adapter to bf16 (the QLoRA paper's choice); on a GPU without
+    bf16 or a CPU without native bf16 that is slow or unsupported. fp16 mixed precision needs
+    fp32 trained weights (AMP's gradient scaler refuses fp16 ones), and full and freeze load the
+    model in fp16 there. (The name is older than full and freeze; bench/gpu calls it.)
     """
     import torch
 
