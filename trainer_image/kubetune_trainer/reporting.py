@@ -193,9 +193,9 @@ CLASSIFICATION_PROGRESS: Final = {"eval_accuracy": "evalAccuracy", "eval_f1": "e
 
 
 def evaluation_progress(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The progress fields of one evaluation: the eval loss, the eval reward accuracy (dpo and the
-    preference objectives, reward), a classifier's accuracy and macro F1."""
-    accuracy = _rounded(metrics.get("eval_rewards/accuracies"), 4)  # objectives dpo and orpo
+    """The progress fields of one evaluation: the eval loss, the eval reward accuracy (objectives
+    dpo, orpo and reward; KTO logs none), a classifier's accuracy and macro F1."""
+    accuracy = _rounded(metrics.get("eval_rewards/accuracies"), 4)  # dpo, orpo, reward (not kto)
     scores = {name: _rounded(metrics.get(key), 4) for key, name in CLASSIFICATION_PROGRESS.items()}
     return {
         "step": step,
