@@ -517,3 +517,12 @@ def test_lora_reward_model_ranks_chosen_above_rejected(
     after = _margins(loaded["model"], tokenizer, records[:8])
     assert sum(m > 0 for m in after) >= 6, after
     assert sum(after) / 8 > sum(before) / 8 + 0.1, (before, after)
+
+
+def test_reward_refuses_data_the_length_filter_empties_training_or_validation() -> None:
+    reward._check_kept("validation", 3, 4, 64)  # some left: a warning only
+    for which in ("training", "validation"):
+        with pytest.raises(
+            InvalidDataError, match=f"every {which} pair is longer than training.maxSeqLength 64"
+        ):
+            reward._check_kept(which, 0, 4, 64)

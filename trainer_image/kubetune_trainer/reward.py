@@ -121,23 +121,31 @@ def build_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    kept, total = len(trainer.train_dataset), len(train_ds)
+    _check_kept("training", len(trainer.train_dataset), len(train_ds), args.max_length)
+    if eval_ds is not None:
+        _check_kept("validation", len(trainer.eval_dataset), len(eval_ds), args.max_length)
+    return trainer
+
+
+def _check_kept(which: str, kept: int, total: int, max_length: int) -> None:
+    """Log the pairs TRL's length filter left out of ``which`` data; fail (exit 42) if none is
+    left (an empty validation set would fail at the first evaluation, after training)."""
     if kept < total:
         log.warning(
-            "reward: %d of %d training pairs are longer than training.maxSeqLength %s tokens and"
-            " are left out (TRL's reward trainer does not truncate)",
+            "reward: %d of %d %s pairs are longer than training.maxSeqLength %s tokens and are"
+            " left out (TRL's reward trainer does not truncate)",
             total - kept,
             total,
-            args.max_length,
+            which,
+            max_length,
         )
     if not kept:
         raise InvalidDataError(
             [
-                f"every training pair is longer than training.maxSeqLength {args.max_length} tokens"
+                f"every {which} pair is longer than training.maxSeqLength {max_length} tokens"
                 " (prompt + response): raise maxSeqLength, or shorten the pairs"
             ]
         )
-    return trainer
 
 
 def reward_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
