@@ -96,6 +96,9 @@ Method = Literal["qlora", "lora", "full", "freeze", "prompt-tuning", "prefix-tun
 LORA_METHODS = ("qlora", "lora")
 #: The methods that train virtual tokens (peft prompt learning).
 PROMPT_LEARNING_METHODS = ("prompt-tuning", "prefix-tuning")
+#: The methods whose output is a peft adapter loaded on its base (full and freeze write a
+#: complete model).
+ADAPTER_METHODS = LORA_METHODS + PROMPT_LEARNING_METHODS
 #: What training optimizes (docs/trainer.md, "Objectives").
 Objective = Literal["sft", "dpo", "orpo", "kto", "reward"]
 #: The objectives that train on preference pairs (dataset.format preference).

@@ -16,8 +16,8 @@ from typing import Any
 
 from kubetune_api import wellknown
 from kubetune_api.spec import (
+    ADAPTER_METHODS,
     LORA_METHODS,
-    PROMPT_LEARNING_METHODS,
     FreezeSpec,
     ModelSpec,
     PrefixTuningSpec,
@@ -236,7 +236,7 @@ def reference_init_kwargs(cfg: TrainerConfig) -> dict[str, Any]:
     disabled, and nothing is loaded): the policy's revision and trust_remote_code, which TRL would
     otherwise leave at the hub's default branch and False. TRL takes the dtype and attention from
     the policy, and huggingface_hub finds a hub token through $HF_TOKEN_PATH."""
-    if cfg.method in LORA_METHODS + PROMPT_LEARNING_METHODS:
+    if cfg.method in ADAPTER_METHODS:
         return {}
     revision = {"revision": cfg.model.revision} if cfg.model.revision else {}
     return {**revision, "trust_remote_code": cfg.model.trust_remote_code}

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_api import wellknown
-from kubetune_api.spec import LORA_METHODS, DpoSpec, KtoSpec, OrpoSpec, PrefixTuningSpec, PromptTuningSpec
+from kubetune_api.spec import (
+    ADAPTER_METHODS,
+    LORA_METHODS,
+    DpoSpec,
+    KtoSpec,
+    OrpoSpec,
+    PrefixTuningSpec,
+    PromptTuningSpec,
+)
 from kubetune_api.trainer import TrainerConfig
 
 from . import lossplot, modeling, samples
@@ -106,7 +114,7 @@ def _load_args(cfg: TrainerConfig, folder: str, *, base: bool = False) -> str:
 def writes_adapter(cfg: TrainerConfig) -> bool:
     """Whether the output is a peft adapter (loaded on its base) rather than a complete model
     (full, freeze)."""
-    return cfg.method not in ("full", "freeze")
+    return cfg.method in ADAPTER_METHODS
 
 
 def auto_class(cfg: TrainerConfig) -> str:
