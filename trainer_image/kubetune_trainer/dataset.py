@@ -141,7 +141,7 @@ def _check_file(
                 keys += f", and {len(names) - _KEYS_SHOWN} more"
             problems.append(
                 f"{first.where}: cannot detect the format from fields [{keys}]; "
-                f"expected one of {describe_formats(fields)} (or set dataset.format/fieldMapping)"
+                f"expected one of {describe_formats(fields, wanted)} (or set dataset.format/fieldMapping)"
             )
             return None, [], problems, len(problems)
         fmt = _Format(detected, first.where)

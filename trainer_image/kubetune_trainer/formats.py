@@ -85,9 +85,9 @@ def detect_format(
     return next((fmt for fmt in fitting if fmt in wanted), fitting[0] if fitting else None)
 
 
-def format_fields(fmt: ConcreteFormat, fields: FieldMapping) -> str:
-    """The fields that make a record ``fmt``: ``"fields 'instruction' and 'output'"``."""
-    names = {
+def _names(fmt: ConcreteFormat, fields: FieldMapping) -> list[str]:
+    """The fields that make a record ``fmt``, as ``fields`` names them."""
+    return {
         "chat": [fields.messages],
         "prompt_completion": [fields.prompt, fields.completion],
         "alpaca": [fields.instruction, fields.output],
@@ -96,18 +96,36 @@ def format_fields(fmt: ConcreteFormat, fields: FieldMapping) -> str:
         "unpaired_preference": [fields.prompt, fields.completion, fields.label],
         "classification": [fields.text, fields.label],
     }[fmt]
+
+
+def format_fields(fmt: ConcreteFormat, fields: FieldMapping) -> str:
+    """The fields that make a record ``fmt``: ``"fields 'instruction' and 'output'"``."""
+    names = _names(fmt, fields)
     quoted = ", ".join(f"'{n}'" for n in names[:-1]) + (" and " if len(names) > 1 else "") + f"'{names[-1]}'"
     return f"field {quoted}" if len(names) == 1 else f"fields {quoted}"
 
 
-def describe_formats(fields: FieldMapping) -> str:
-    return (
-        f"chat ('{fields.messages}'), prompt_completion ('{fields.prompt}' + '{fields.completion}'), "
-        f"alpaca ('{fields.instruction}' + '{fields.output}'), text ('{fields.text}'), "
-        f"preference ('{fields.prompt}' + '{fields.chosen}' + '{fields.rejected}'), "
-        f"unpaired_preference ('{fields.prompt}' + '{fields.completion}' + '{fields.label}'), "
-        f"classification ('{fields.text}' + '{fields.label}')"
-    )
+#: The order formats are listed in (detection's, most specific first).
+LISTED: tuple[ConcreteFormat, ...] = (
+    "chat",
+    "prompt_completion",
+    "alpaca",
+    "text",
+    "preference",
+    "unpaired_preference",
+    "classification",
+)
+
+
+def describe_formats(fields: FieldMapping, formats: Collection[str] = ()) -> str:
+    """``"chat ('messages'), prompt_completion ('prompt' + 'completion'), ..."``: the formats the
+    run trains on (``formats``; every format when empty)."""
+    shown = [fmt for fmt in LISTED if not formats or fmt in formats]
+    described = []
+    for fmt in shown:
+        quoted = " + ".join("'" + name + "'" for name in _names(fmt, fields))
+        described.append(f"{fmt} ({quoted})")
+    return ", ".join(described)
 
 
 def _string(record: Mapping[str, Any], name: str, *, required: bool, allow_empty: bool = False) -> list[str]:
