@@ -8,9 +8,21 @@
 # passes a stand-in assembled from Debian 12's packages (hack/build-images.sh, docs/images.md).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
+# ---- lock: the operator's pinned requirements (versions and hashes), exported from uv.lock ---
+# pyproject.toml also holds the linters' and the tests' settings, which change far more often
+# than the dependencies. The virtualenv below is built from this export alone, so its layers
+# are reused unless the operator's own locked requirements change (a change to pyproject.toml's
+# tool settings, or a lock change that only touches other extras, rebuilds nothing big).
+FROM ${PYTHON_IMAGE} AS lock
+# uv pinned to the version the Makefile installs (UV_VERSION).
+RUN pip install --no-cache-dir uv==0.13.8
+WORKDIR /src
+COPY pyproject.toml uv.lock ./
+RUN uv export --frozen --no-dev --no-emit-project --extra operator \
+      --format requirements.txt --output-file requirements.txt
+
 # ---- build: a virtualenv with the locked operator dependencies -------------------------------
 FROM ${PYTHON_IMAGE} AS build
-# uv pinned to the version the Makefile installs (UV_VERSION).
 RUN pip install --no-cache-dir uv==0.13.8
 # UV_NATIVE_TLS: uv trusts the system's CA bundle, like pip, so a build behind a TLS-inspecting
 # proxy works once its CA is in the bundle (make images binds the host's bundle over it).
@@ -18,14 +30,14 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_NATIVE_TLS=1 \
     UV_PYTHON_DOWNLOADS=never \
-    UV_PROJECT_ENVIRONMENT=/opt/venv
+    VIRTUAL_ENV=/opt/venv
 WORKDIR /src
-COPY pyproject.toml uv.lock ./
-# Third-party packages only (the project's own code is copied below), straight from the lock.
+COPY --from=lock /src/requirements.txt ./
 # uv's download cache as a build cache mount (BuildKit and buildah): a rebuild downloads nothing.
 # make images points it at the host's uv cache, so what `make setup` fetched is not fetched again.
+# Third-party packages only (the project's own code is copied below), every hash checked.
 RUN --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv,sharing=locked \
-    uv sync --frozen --no-dev --no-install-project --extra operator
+    uv venv /opt/venv && uv pip sync --require-hashes requirements.txt
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

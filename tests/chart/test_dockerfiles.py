@@ -60,11 +60,22 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
 def test_installs_from_the_lock_with_its_extra(image: str) -> None:
     steps = dockerfile_instructions(DOCKERFILES[image])
     runs = [args for word, args in steps if word == "RUN"]
-    syncs = [r for r in runs if "uv sync" in r]
+    # The lock stage exports the extra's pinned requirements (with hashes) from uv.lock; the
+    # build stage installs exactly those, so the virtualenv's layers depend on nothing else.
+    exports = [r for r in runs if "uv export" in r]
+    assert len(exports) == 1, exports
+    for flag in (
+        "--frozen",
+        f"--extra {image}",
+        "--no-dev",
+        "--no-emit-project",
+        "--output-file requirements.txt",
+    ):
+        assert flag in exports[0], flag
+    syncs = [r for r in runs if "uv pip sync" in r]
     assert len(syncs) == 1, syncs
-    assert "--frozen" in syncs[0]
-    assert f"--extra {image}" in syncs[0]
-    assert "--no-dev" in syncs[0]
+    assert "uv pip sync --require-hashes requirements.txt" in syncs[0]
+    assert ("COPY", "--from=lock /src/requirements.txt ./") in steps
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert image in extras
     copies = [args for word, args in steps if word == "COPY" and "--from" not in args]
@@ -76,7 +87,7 @@ def test_uv_matches_the_version_ci_installs(image: str) -> None:
     make_uv = re.search(r"^UV_VERSION \?= (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
     assert make_uv, "Makefile has no UV_VERSION"
     pins = re.findall(r"uv==(\S+)", DOCKERFILES[image].read_text())
-    assert pins == [make_uv.group(1)]
+    assert pins == [make_uv.group(1)] * 2  # the lock stage's and the build stage's
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))

@@ -1,14 +1,14 @@
 """The operator, laid out as the operator image lays it out, runs with the chart's RBAC.
 
-No Docker engine runs here, so instead of building the image this test reproduces its two
-layers from the Dockerfile itself: the virtualenv from the Dockerfile's own ``uv sync`` line
-(only the locked ``operator`` extra, from uv's cache), and the COPY'd packages with the ENV's
-PYTHONPATH. It then installs the chart (namespace-scoped mode), logs in with a token of the
-chart's ServiceAccount, and starts the ENTRYPOINT (``python -m kubetune_operator``) with exactly
-the environment the chart's Deployment carries. The operator must pass both probes the chart
-declares and reconcile a FineTuneJob (ConfigMap, ServiceAccount, Role, RoleBinding, Job) with
-no permission error: the chart's RBAC is enough for the real operator, and its probes point
-at real endpoints.
+Outside `make test-images` (tests/images runs the built image), this test reproduces its two
+layers from the Dockerfile itself: the virtualenv from the Dockerfile's own ``uv export`` and
+``uv pip sync`` lines (only the locked ``operator`` extra, from uv's cache), and the COPY'd
+packages with the ENV's PYTHONPATH. It then installs the chart (namespace-scoped mode), logs in
+with a token of the chart's ServiceAccount, and starts the ENTRYPOINT (``python -m
+kubetune_operator``) with exactly the environment the chart's Deployment carries. The operator
+must pass both probes the chart declares and reconcile a FineTuneJob (ConfigMap, ServiceAccount,
+Role, RoleBinding, Job) with no permission error: the chart's RBAC is enough for the real
+operator, and its probes point at real endpoints.
 """
 
 from __future__ import annotations
@@ -53,20 +53,22 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     steps = dockerfile_instructions(DOCKERFILE)
     # The RUN's own flags (--mount=type=cache,... for uv's cache) come before the command.
     runs = [re.sub(r"^(--\S+\s+)+", "", args) for word, args in steps if word == "RUN"]
-    sync = next(args for args in runs if args.startswith("uv sync"))
+    export = next(args for args in runs if args.startswith("uv export"))  # the lock stage
+    install = next(args for args in runs if args.startswith("uv venv"))  # the build stage
     build_env = {}
     for word, args in steps:
-        if word == "ENV" and "UV_PROJECT_ENVIRONMENT" in args:
+        if word == "ENV" and "VIRTUAL_ENV" in args:
             build_env = env_pairs(args)
-    venv = root / build_env["UV_PROJECT_ENVIRONMENT"].lstrip("/")
+    venv = root / build_env["VIRTUAL_ENV"].lstrip("/")
     src = root / "src"
     src.mkdir()
     for name in ("pyproject.toml", "uv.lock"):
         shutil.copy2(REPO_ROOT / name, src / name)
-    env = {**os.environ, **build_env, "UV_PROJECT_ENVIRONMENT": str(venv), "UV_LINK_MODE": "hardlink"}
-    env.pop("VIRTUAL_ENV", None)
-    proc = subprocess.run(sync.split(), cwd=src, env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
+    env = {**os.environ, **build_env, "VIRTUAL_ENV": str(venv), "UV_LINK_MODE": "hardlink"}
+    commands = [export, *install.replace(build_env["VIRTUAL_ENV"], str(venv)).split(" && ")]
+    for command in commands:
+        proc = subprocess.run(command.split(), cwd=src, env=env, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
     # The last stage: COPY --from=build of the venv is the venv above; the packages are copied here.
     runtime_env: dict[str, str] = {}
     entrypoint: list[str] = []

@@ -25,6 +25,27 @@ def image_store_dir() -> Path:
     return Path(os.environ.get("KUBETUNE_IMAGE_STORE") or Path.home() / ".cache/kubetune/images/current")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+API_PACKAGE = "api/kubetune_api"
+
+
+def stale_api() -> str | None:
+    """Why the images cannot run against this tree's CRD, or None: each image carries its own
+    copy of the API contract (``/app/api/kubetune_api``), which must be this tree's, or the
+    operator refuses what the tree's CRD defaults (the end-to-end test would wait for nothing)."""
+    store = ImageStore(image_store_dir() / "root")
+    for image in (OPERATOR_IMAGE, TRAINER_IMAGE):
+        stored = store.lookup(image)
+        if stored is None:
+            return f"{image} is not in {image_store_dir()} (make images)"
+        for source in sorted((REPO_ROOT / API_PACKAGE).rglob("*.py")):
+            rel = source.relative_to(REPO_ROOT).as_posix()
+            found = stored.find_file(f"/app/{rel}")
+            if found is None or found.read_bytes() != source.read_bytes():
+                return f"{image} was built from another API contract ({rel} differs): make images"
+    return None
+
+
 def missing_images() -> str | None:
     """Why the image tests cannot run here, or None."""
     if shutil.which("crun") is None:

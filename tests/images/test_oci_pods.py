@@ -126,7 +126,9 @@ def restricted(command: str, *, image: str = TRAINER_IMAGE, read_only: bool = Tr
     }
 
 
-WRITE_OUTSIDE = "echo x > /tmp/ok && python -c \"open('/home/kubetune/written-by-the-pod', 'w').write('x')\""
+# /var/tmp is on the image's root filesystem (no volume) and writable by every user (1777), so
+# the read-only root is the only thing that can refuse this write.
+WRITE_OUTSIDE = "echo x > /tmp/ok && python -c \"open('/var/tmp/written-by-the-pod', 'w').write('x')\""
 
 
 def test_a_write_outside_the_volumes_fails_on_a_read_only_root(node: Node, namespace: str) -> None:
@@ -180,7 +182,7 @@ def test_security_context_user_groups_caps_seccomp_and_volumes(node: Node, names
         "NoNewPrivs": "1",
         "Seccomp": "2",
     }
-    assert log[7].startswith("home=/home/kubetune path=/opt/venv/bin:"), log[7]  # the image's ENV
+    assert log[7].startswith("home=/tmp path=/opt/venv/bin:"), log[7]  # the image's ENV
     assert "secret=s3cr3t" in log  # 0440 root-owned, readable through fsGroup
     assert f"tmp-file-group={UID}" in log  # the emptyDir is setgid to the fsGroup
     assert "trainer-importable" in log
