@@ -16,6 +16,10 @@ UV := $(PYTHON) -m uv
 UV_DIR = $$($(PYTHON) -c 'import os, uv; print(os.path.dirname(uv.find_uv_bin()))')
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
+# make bench: FineTuneJobs per scale-benchmark run (about 1.5 min each on 2 cores at 100; the full
+# size is BENCH_JOBS=1000, about 5 min a mode) and the steady mode's rate per second.
+BENCH_JOBS ?= 100
+BENCH_RATE ?= 10
 # pytest-xdist workers for make test, each taking whole test files (module fixtures stay on one).
 TEST_WORKERS ?= 2
 
@@ -57,7 +61,8 @@ demo: setup ## the main job end to end: control plane, S3, node agent, operator,
 	$(VENV_PY) -m kubetune_localenv.demo $(DEMO_ARGS)
 
 bench: setup tools ## the benchmarks (figures and how they were taken: docs/benchmarks.md)
-	$(VENV_PY) bench/bench_operator_scale.py --jobs 50 --nodes 4
+	$(VENV_PY) bench/bench_operator_scale.py --mode burst --jobs $(BENCH_JOBS)
+	$(VENV_PY) bench/bench_operator_scale.py --mode steady --rate $(BENCH_RATE) --jobs $(BENCH_JOBS)
 	$(VENV_PY) bench/bench_cpu_precision.py --steps 20
 	$(VENV_PY) bench/bench_batching.py --steps 20
 	$(VENV_PY) bench/bench_transfers.py --size-mb 512 --rounds 3

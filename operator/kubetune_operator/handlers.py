@@ -1,8 +1,16 @@
-"""kopf handlers: thin, named ``<kind>_<event>``; each one calls :meth:`Reconciler.sync`.
+"""kopf handlers: thin, named ``<kind>_<event>``; each one asks for :meth:`Reconciler.sync`.
 
-No deletion handlers and no timers or daemons: kopf therefore puts no finalizer on a
-FineTuneJob, and deleting one never waits for the operator (owner references let the garbage
-collector remove the children). Handler state lives in ``kubetune.dev/*`` annotations.
+FineTuneJobs, their Jobs and their Pods have event handlers only: every event queues the
+FineTuneJob's key for one level-based sync (:mod:`.workqueue`: a key waits at most once, so a
+burst of events costs one sync), unless the last sync already read what the event says (the echo
+of its own writes). The first sync of a FineTuneJob in this process also re-creates any missing
+child: an operator start adopts. A FineTuneJob that is held, blocked, has a status write deferred
+or whose sync failed is queued again by a timer. No create, update or resume handler means kopf
+keeps no state on a FineTuneJob: no ``last-handled-configuration`` annotation, which would be a
+write per job and a copy of the whole spec in every FineTuneJob read. No deletion handlers and no
+timers or daemons either: kopf puts no finalizer on a FineTuneJob, and deleting one never waits
+for the operator (owner references let the garbage collector remove the children). The
+FineTuneSweep handlers keep kopf's state in ``kubetune.dev/*`` annotations.
 
 Run with ``python -m kubetune_operator`` (reads the KUBETUNE_* environment), or
 ``kopf run -m kubetune_operator.handlers --all-namespaces`` (settings from the same environment).
@@ -10,9 +18,14 @@ Run with ``python -m kubetune_operator`` (reads the KUBETUNE_* environment), or
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -20,21 +33,45 @@ from prometheus_client import start_http_server
 
 from kubetune_api import coordinates
 from kubetune_api import sweep as sweep_api
-from kubetune_api.reasons import is_warning
+from kubetune_api.reasons import Phase, is_warning
 from kubetune_api.sweep_reasons import SweepReason
 
 from . import names, sweep
 from .kube import Kube
 from .metrics import Metrics
-from .reconcile import Outcome, Reconciler
-from .settings import OperatorConfig, configure, from_env
+from .reconcile import Outcome, Reconciler, Skipped, Trigger
+from .settings import SYNC_WORKERS, OperatorConfig, configure, from_env
 from .sweep_reconcile import SweepOutcome, SweepReconciler
+from .workqueue import Key, Retries, SyncQueue
 
 FTJ = (coordinates.GROUP, coordinates.VERSION, coordinates.PLURAL)
 SWEEP = (coordinates.GROUP, coordinates.VERSION, sweep_api.PLURAL)
 _EVENT_MESSAGE_LIMIT = 1000
+log = logging.getLogger(__name__)
 #: How soon a held FineTuneJob (a spec that does not parse, a refused child) is tried again.
 HOLD_RETRY_SECONDS = 20
+#: How soon a FineTuneJob whose children's names another owner still holds is tried again
+#: (nothing it watches announces the end of another owner's garbage collection).
+BLOCKED_RETRY_SECONDS = 5
+
+
+@dataclass
+class _Loop:
+    """The event loop and kopf's context (which Events are posted through) as the latest handler
+    saw them. One object, shared by the queue's threads and every object's memo (kopf hands each
+    object a shallow copy of the operator's memo: an attribute set on it is that object's only)."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    context: contextvars.Context | None = None
+
+    def call(self, callback: Callable[..., object], *args: object) -> None:
+        """Run ``callback(*args)`` in the event loop, in kopf's context (from any thread)."""
+        assert self.loop is not None
+        assert self.context is not None
+        try:
+            self.loop.call_soon_threadsafe(callback, *args, context=self.context.copy())
+        except RuntimeError:  # the loop is closed: the operator stopped while this sync ran
+            log.debug("operator stopped: %s not run", callback.__name__)
 
 
 @kopf.on.login()
@@ -57,7 +94,13 @@ def operator_startup(
     config: OperatorConfig = memo.get("config") or from_env()
     memo.config = config
     configure(settings, config)
-    memo.reconciler = Reconciler(Kube.connect(), config.trainer_image, config.trainer_egress)
+    memo.reconciler = Reconciler(
+        Kube.connect(user_agent=names.OPERATOR_USER_AGENT), config.trainer_image, config.trainer_egress
+    )
+    # The FineTuneJob handlers queue a key and return; these threads sync (kopf's pool: the sweeps).
+    memo.queue = SyncQueue(SYNC_WORKERS, functools.partial(_sync_now, memo))
+    memo.loop = _Loop()
+    memo.retries = Retries()
     memo.sweeps = SweepReconciler(memo.reconciler.kube)
     memo.metrics = Metrics()
     memo.metrics_server = None
@@ -66,13 +109,20 @@ def operator_startup(
         memo.metrics_server, _thread = start_http_server(
             config.metrics_port, config.bind_address, registry=registry
         )
+    memo.queue.start()
     scope = "all namespaces" if config.clusterwide else ", ".join(config.namespaces)
     logger.info(f"kubetune operator serving {scope}; default trainer image {config.trainer_image}")
 
 
 @kopf.on.cleanup()
 def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Stop the metrics endpoint and close the API client's connections."""
+    """Stop the metrics endpoint and the worker threads, and close the API client's connections."""
+    retries = memo.get("retries")
+    if retries is not None:
+        retries.cancel_all()
+    queue = memo.get("queue")
+    if queue is not None:
+        queue.stop()
     server = memo.get("metrics_server")
     if server is not None:
         server.shutdown()
@@ -82,86 +132,110 @@ def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
         reconciler.kube.close()
 
 
-def _reconcile(
-    memo: kopf.Memo,
-    trigger: str,
-    namespace: str | None,
-    name: str | None,
-    *,
-    ensure_all: bool = False,
-    may_retry: bool = False,
+def _ask(
+    memo: kopf.Memo, label: str, namespace: str | None, name: str | None, body: kopf.Body | None
 ) -> None:
+    """Queue a sync of the FineTuneJob (in the event loop), unless the event in ``body`` brings
+    nothing its last sync had not read, or a sync of it is waiting already."""
     if not namespace or not name:  # FineTuneJobs, Jobs and Pods are all namespaced and named
         return
+    reconciler: Reconciler = memo.reconciler
+    memo.loop.loop = asyncio.get_running_loop()
+    memo.loop.context = contextvars.copy_context()  # kopf's, for the Events posted after each sync
+    answered = body is not None and reconciler.answered(
+        namespace, name, Trigger(body, reconciler.monotonic())
+    )
+    new = not reconciler.known(namespace, name)  # children to create: before any status update
+    if answered or not memo.queue.add((namespace, name), label, new=new):
+        memo.metrics.skipped.labels(label).inc()
+
+
+def _sync_now(memo: kopf.Memo, key: Key, label: str) -> None:
+    """One sync, in a queue worker thread; what follows from it runs in the event loop."""
     metrics: Metrics = memo.metrics
     reconciler: Reconciler = memo.reconciler
-    metrics.reconciles.labels(trigger).inc()
     started = time.perf_counter()
+    outcome: Outcome | Skipped | Exception | None
     try:
-        outcome = reconciler.sync(namespace, name, ensure_all=ensure_all)
-    except Exception:
-        metrics.errors.labels(trigger).inc()
-        raise
-    finally:
-        metrics.duration.labels(trigger).observe(time.perf_counter() - started)
-    if outcome is None:
-        metrics.phases.forget(namespace, name)
+        outcome = reconciler.sync(*key)
+    except Exception as err:
+        metrics.errors.labels(label).inc()
+        log.warning("%s/%s: sync failed (%s)", *key, err, exc_info=True)
+        outcome = err
+    metrics.reconciles.labels(label).inc()
+    metrics.duration.labels(label).observe(time.perf_counter() - started)
+    memo.loop.call(_after, memo, key, outcome)
+
+
+def _after(memo: kopf.Memo, key: Key, outcome: Outcome | Skipped | Exception | None) -> None:
+    """Events for what a sync did, and a re-sync while the FineTuneJob is held or blocked, when a
+    status write was deferred (status patch batching), or after the sync raised."""
+    metrics: Metrics = memo.metrics
+    retries: Retries = memo.retries
+
+    def again() -> None:
+        _ask(memo, "retry", *key, None)
+
+    if isinstance(outcome, Exception):
+        retries.schedule(key, retries.failed(key), again)
         return
-    metrics.phases.set(namespace, name, outcome.after.phase)
+    if not isinstance(outcome, Outcome):  # gone (a sync with no trigger is never skipped)
+        metrics.phases.forget(*key)
+        retries.settle(key)
+        return
+    metrics.phases.set(*key, outcome.after.phase)
     _announce(metrics, outcome)
-    if not may_retry:
-        return
-    if outcome.blocked:
-        # Nothing we watch announces the end of another owner's garbage collection: retry.
-        raise kopf.TemporaryError(f"waiting for {', '.join(outcome.blocked)} to be deleted", delay=5)
-    if outcome.hold is not None:
-        # Retried (kopf posts the error as a Warning Event): a raised quota, an upgraded operator...
-        raise kopf.TemporaryError(f"{outcome.hold.reason}: {outcome.hold.message}", delay=HOLD_RETRY_SECONDS)
+    delays: list[float | None] = [
+        BLOCKED_RETRY_SECONDS if outcome.blocked else None,
+        HOLD_RETRY_SECONDS if outcome.hold is not None else None,  # a raised quota may lift it...
+        outcome.deferred,
+    ]
+    if all(due is None for due in delays):
+        retries.settle(key)
+    for due in delays:
+        if due is not None:
+            retries.schedule(key, due, again)
 
 
 def _announce(metrics: Metrics, outcome: Outcome) -> None:
-    """Kubernetes Events for created children and for phase (or pending-reason) transitions."""
+    """Kubernetes Events for what happened to the run: children created (with the phase they
+    start in: one Event, not two), a phase entered, a new warning reason within a phase
+    (ImagePullBackOff, Unschedulable...). Left to the status (``kubectl get ftj -w``, the
+    conditions' lastTransitionTime): a Normal step within a phase (WaitingForPod -> PodStarting,
+    Training -> Completing) and the Normal entry into Running, the step every job takes. Each
+    Event is a write; with these, a job's whole life is ten (five children, three status patches,
+    the Created and the outcome Events)."""
     body = kopf.Body(cast(kopf.RawBody, outcome.ftj))
-    if outcome.created:
-        kopf.event(body, type="Normal", reason="Created", message=f"created {', '.join(outcome.created)}")
     before, after = outcome.before, outcome.after
-    if before is not None and (before.phase, before.reason) == (after.phase, after.reason):
-        return
-    if before is None or before.phase != after.phase:
+    warning = is_warning(after.phase, after.reason)
+    entered = before is None or before.phase != after.phase
+    if entered:
         metrics.transitions.labels(after.phase).inc()
-    message = f"{after.reason}: {after.message}"[:_EVENT_MESSAGE_LIMIT]
-    kind = "Warning" if is_warning(after.phase, after.reason) else "Normal"
-    kopf.event(body, type=kind, reason=str(after.phase), message=message)
-
-
-@kopf.on.create(*FTJ)
-def finetunejob_create(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """A new FineTuneJob: create its children and its first status."""
-    _reconcile(memo, "create", namespace, name, may_retry=True)
-
-
-@kopf.on.resume(*FTJ)
-def finetunejob_resume(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Operator start: adopt what exists, re-create any missing child, recompute status."""
-    _reconcile(memo, "resume", namespace, name, ensure_all=True, may_retry=True)
-
-
-@kopf.on.update(*FTJ, field="spec")
-def finetunejob_update(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """suspend, cancel or lifecycle edited (the rest of the spec is immutable): align or cancel the Job."""
-    _reconcile(memo, "update", namespace, name, may_retry=True)
+    news = entered or (warning and before is not None and before.reason != after.reason)
+    state = f"{after.reason}: {after.message}"
+    if outcome.created:
+        message = f"created {', '.join(outcome.created)}"
+        if news and not warning:
+            message, news = f"{message}; {after.phase}: {state}", False
+        kopf.event(body, type="Normal", reason="Created", message=message[:_EVENT_MESSAGE_LIMIT])
+    if news and (warning or after.phase != Phase.RUNNING):
+        kind = "Warning" if warning else "Normal"
+        kopf.event(body, type=kind, reason=str(after.phase), message=state[:_EVENT_MESSAGE_LIMIT])
 
 
 @kopf.on.event(*FTJ)
-def finetunejob_event(
-    event: kopf.RawEvent, namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any
+async def finetunejob_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
-    """Any change, including the trainer's progress reports and every watch re-list: resync status."""
+    """A new FineTuneJob (its children and first status), an edited spec (suspend, cancel,
+    lifecycle: align or cancel the Job), the trainer's progress, every watch re-list: resync.
+    Not the echo of the operator's own status patch: nothing a sync reads changed."""
     if event.get("type") == "DELETED":
         memo.metrics.phases.forget(namespace or "", name or "")
         memo.reconciler.forget(namespace or "", name or "")
+        memo.retries.settle((namespace or "", name or ""))
         return
-    _reconcile(memo, "finetunejob", namespace, name)
+    _ask(memo, "finetunejob", namespace, name, body)
 
 
 @kopf.on.event(
@@ -170,17 +244,21 @@ def finetunejob_event(
     "jobs",
     labels={names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_FINETUNEJOB: kopf.PRESENT},
 )
-def job_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def job_event(
+    body: kopf.Body, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
     """The trainer Job changed: recompute its FineTuneJob's status."""
-    _reconcile(memo, "job", namespace, labels.get(names.LABEL_FINETUNEJOB))
+    _ask(memo, "job", namespace, labels.get(names.LABEL_FINETUNEJOB), body)
 
 
 @kopf.on.event(
     "v1", "pods", labels={names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_FINETUNEJOB: kopf.PRESENT}
 )
-def pod_event(labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def pod_event(
+    body: kopf.Body, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
     """A trainer pod changed (scheduled, pulling, running, OOMKilled...): recompute status."""
-    _reconcile(memo, "pod", namespace, labels.get(names.LABEL_FINETUNEJOB))
+    _ask(memo, "pod", namespace, labels.get(names.LABEL_FINETUNEJOB), body)
 
 
 # -- FineTuneSweep ---------------------------------------------------------------------------------

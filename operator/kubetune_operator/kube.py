@@ -137,10 +137,12 @@ class Kube:
         }
         if getattr(configuration, "tls_server_name", None):
             tls["server_hostname"] = configuration.tls_server_name
+        # As many kept connections as the operator has sync threads (settings.SYNC_WORKERS):
+        # a request beyond them would open, and then drop, a TLS connection of its own.
         self._pool: urllib3.PoolManager = (
-            urllib3.ProxyManager(configuration.proxy, num_pools=4, maxsize=8, **tls)
+            urllib3.ProxyManager(configuration.proxy, num_pools=4, maxsize=16, **tls)
             if configuration.proxy
-            else urllib3.PoolManager(num_pools=4, maxsize=8, **tls)
+            else urllib3.PoolManager(num_pools=4, maxsize=16, **tls)
         )
 
     @classmethod

@@ -50,6 +50,7 @@ class Metrics:
     phases: PhaseTracker = field(default_factory=PhaseTracker)
     reconciles: Any = field(init=False)
     errors: Any = field(init=False)
+    skipped: Any = field(init=False)
     duration: Any = field(init=False)
     transitions: Any = field(init=False)
 
@@ -61,6 +62,12 @@ class Metrics:
         self.errors = Counter(
             "kubetune_reconcile_errors",
             "Reconciliations that raised, by trigger.",
+            ["trigger"],
+            registry=self.registry,
+        )
+        self.skipped = Counter(
+            "kubetune_reconcile_skipped",
+            "Events needing no reconciliation (a sync had already read what they say), by trigger.",
             ["trigger"],
             registry=self.registry,
         )

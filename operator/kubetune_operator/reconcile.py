@@ -8,14 +8,18 @@ any replica, before or after a restart.
 from __future__ import annotations
 
 import datetime
+import enum
+import json
 import logging
+import math
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from kubetune_api.coordinates import GROUP
+from kubetune_api.coordinates import GROUP, KIND
 from kubetune_api.reasons import TERMINAL_PHASES, ConditionType, Phase, Reason
 
 from . import builders, names, status
@@ -31,6 +35,60 @@ REFUSALS = frozenset({400, 403, 422})
 OUTCOME_FINALIZER = f"{GROUP}/outcome"
 
 Obj = dict[str, Any]
+FINETUNEJOB_KIND: Final = KIND
+#: Status patch batching: a status change within the same phase (a new reason or message, the
+#: attempts, the exit code...) is written no sooner than this long after the FineTuneJob's last
+#: status write, so that a step that lasts less (WaitingForPod -> PodStarting, a pod that
+#: finished while its Job is not yet complete) costs no write of its own; a phase change is
+#: written at once. The deferred change is written by a sync the caller schedules.
+STATUS_BATCH_SECONDS: Final = 2.0
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """The watch event that asks for a sync: its object as it arrived, and when (``time.monotonic()``,
+    taken when kopf hands the event over, before the sync waits for a worker or for the lock)."""
+
+    body: Mapping[str, Any]
+    received: float
+
+
+class Skipped(enum.Enum):
+    """A sync that did nothing: the last completed one had already read what its trigger says."""
+
+    SKIPPED = "skipped"
+
+
+SKIPPED: Final = Skipped.SKIPPED
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the last completed sync of one FineTuneJob read: when it began reading, the
+    (uid, resourceVersion) of every object as it last saw it, and the FineTuneJob's inputs."""
+
+    began: float
+    versions: frozenset[tuple[str, str]]
+    inputs: tuple[Any, ...]
+    #: When this reconciler last wrote the FineTuneJob's status (``time.monotonic()``).
+    written: float
+
+
+def _versions(objects: Iterable[Mapping[str, Any]]) -> Iterable[tuple[str, str]]:
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        yield str(meta.get("uid")), str(meta.get("resourceVersion"))
+
+
+def _inputs(ftj: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a sync reads of a FineTuneJob itself: identity, generation (the spec), deletion, status.
+
+    Labels, annotations (kopf's own) and managed fields are not read, so a change to them alone
+    asks for no sync. The status is kept as a hash, not a copy (a few bytes per FineTuneJob).
+    """
+    meta = ftj.get("metadata") or {}
+    digest = hash(json.dumps(ftj.get("status") or {}, sort_keys=True))
+    return meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp"), digest
 
 
 @dataclass(frozen=True)
@@ -46,6 +104,9 @@ class Outcome:
     blocked: tuple[str, ...] = ()
     #: Why the children could not be created this time (the spec, or the API server's refusal).
     hold: status.Hold | None = None
+    #: Seconds until a status change held back by :data:`STATUS_BATCH_SECONDS` may be written
+    #: (``after`` is then still the recorded verdict): sync again then.
+    deferred: float | None = None
 
 
 def _verdict_of(previous: Mapping[str, Any]) -> status.Verdict | None:
@@ -94,19 +155,27 @@ class Reconciler:
     default_image: str
     trainer_egress: builders.Egress | None = None
     clock: Callable[[], datetime.datetime] = field(default=lambda: datetime.datetime.now(datetime.UTC))
+    #: The clock of :attr:`Trigger.received` and of when a sync began reading.
+    monotonic: Callable[[], float] = time.monotonic
     _locks: defaultdict[tuple[str, str], threading.Lock] = field(
         default_factory=lambda: defaultdict(threading.Lock), init=False, repr=False
     )
     _locks_guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _seen: dict[tuple[str, str], _Seen] = field(default_factory=dict, init=False, repr=False)
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks[(namespace, name)]
 
+    def known(self, namespace: str, name: str) -> bool:
+        """Whether this reconciler has completed a sync of the FineTuneJob (it is not new to it)."""
+        return (namespace, name) in self._seen
+
     def forget(self, namespace: str, name: str) -> None:
         """Drop per-object state once the FineTuneJob is gone."""
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            self._seen.pop((namespace, name), None)
 
     def ensure_children(self, ftj: Mapping[str, Any]) -> tuple[Obj | None, tuple[str, ...], tuple[str, ...]]:
         """Create every missing child (ConfigMap, ServiceAccount, Role, RoleBinding, Job).
@@ -265,45 +334,101 @@ class Reconciler:
             )
         return job, created, blocked, None
 
-    def sync(self, namespace: str, name: str, *, ensure_all: bool = False) -> Outcome | None:
+    def sync(
+        self, namespace: str, name: str, *, ensure_all: bool = False, trigger: Trigger | None = None
+    ) -> Outcome | Skipped | None:
         """Bring one FineTuneJob's children and status in line with reality.
 
         The Job is created if it was never created; ``ensure_all`` also re-creates any other
-        missing child (used on create, update and operator start, not on every pod event).
-        Returns None if the FineTuneJob is gone or being deleted.
+        missing child, as the first sync of each FineTuneJob by this reconciler always does (an
+        operator start adopts what exists), not every sync after (every pod event). Returns None
+        if the FineTuneJob is gone or being deleted, and :data:`SKIPPED` when ``trigger`` (the
+        watch event that asks for this sync) brings nothing the last completed sync had not read
+        (see :meth:`answered`): one sync then serves a burst of events.
         """
+        key = (namespace, name)
         with self._lock(namespace, name):
-            ftj = self.kube.get(FINETUNEJOBS, namespace, name)
-            if ftj is None or ftj["metadata"].get("deletionTimestamp"):
-                self.release_orphan(namespace, name)
-                return None
-            previous: Mapping[str, Any] = ftj.get("status") or {}
-            job = self.kube.get(JOBS, namespace, names.job_name(name))
-            if job is not None and not _owned_by(job, ftj):
-                if _holds_outcome(job):  # its owner is gone: let the garbage collector finish
-                    self.hold_outcome(job, False)
-                job = None  # a same-named Job of a deleted FineTuneJob, still being collected
-            created: tuple[str, ...] = ()
-            blocked: tuple[str, ...] = ()
-            hold: status.Hold | None = None
-            if status.verdict(ftj, job, []).phase == Phase.CANCELLED:
-                job = self.cancel_job(job)  # and create nothing, ever again
-            else:
-                job, created, blocked, hold = self.bring_children(ftj, job, ensure_all=ensure_all)
-            if hold is not None:
-                log.warning("%s/%s: %s: %s", namespace, name, hold.reason, hold.message)
-            pods: list[Obj] = []
-            if job is not None:
-                selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
-                pods = self.kube.list(PODS, namespace, selector)
-            desired = status.compute(ftj, job, pods, self.clock(), blocked=blocked, hold=hold)
-            patch = status.patch(previous, desired)
-            if patch is not None:
-                ftj = self.kube.patch(FINETUNEJOBS, namespace, name, {"status": patch}, "status")
-            if job is not None:
-                # Only now that the status holds the outcome may the Job's TTL remove it.
-                self.hold_outcome(job, _outcome_needs_holding(job, desired["phase"]))
-            after = status.Verdict(
-                Phase(desired["phase"]), desired.get("reason", ""), desired.get("message", "")
+            if trigger is not None and self.answered(namespace, name, trigger):
+                return SKIPPED
+            began = self.monotonic()
+            read: list[Mapping[str, Any]] = []
+            seen = self._seen.get(key)
+            written = seen.written if seen is not None else -math.inf
+            outcome = self._sync(
+                namespace, name, ensure_all=ensure_all or seen is None, read=read, written=written
             )
-            return Outcome(ftj, _verdict_of(previous), after, patch is not None, created, blocked, hold)
+            if outcome is None:
+                self._seen.pop(key, None)
+            else:
+                written = self.monotonic() if outcome.patched else written
+                self._seen[key] = _Seen(began, frozenset(_versions(read)), _inputs(outcome.ftj), written)
+            return outcome
+
+    def answered(self, namespace: str, name: str, trigger: Trigger) -> bool:
+        """Whether the last completed sync of the FineTuneJob already answered ``trigger``: it began
+        reading after the event arrived (its reads, all quorum reads, are at least as new), or it
+        read the event's object at this very version, or (a FineTuneJob event) the FineTuneJob's own
+        inputs and status are as that sync left them (the echo of its status patch, kopf's
+        annotations). Safe without the lock: an answer a sync in progress makes stale costs a sync."""
+        seen = self._seen.get((namespace, name))
+        if seen is None:
+            return False
+        if seen.began > trigger.received:
+            return True
+        meta = trigger.body.get("metadata") or {}
+        if (meta.get("uid"), meta.get("resourceVersion")) in seen.versions:
+            return True
+        return trigger.body.get("kind") == FINETUNEJOB_KIND and _inputs(trigger.body) == seen.inputs
+
+    def _sync(
+        self, namespace: str, name: str, *, ensure_all: bool, read: list[Mapping[str, Any]], written: float
+    ) -> Outcome | None:
+        """:meth:`sync` under the lock; appends to ``read`` every object as it read or wrote it.
+        ``written``: when this reconciler last wrote the status (for :data:`STATUS_BATCH_SECONDS`)."""
+        ftj = self.kube.get(FINETUNEJOBS, namespace, name)
+        if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+            self.release_orphan(namespace, name)
+            return None
+        read.append(ftj)
+        previous: Mapping[str, Any] = ftj.get("status") or {}
+        # No status: no operator has synced it yet, so it has no Job (and creating one finds any
+        # same-named Job of another owner: the create answers 409, the Job is then read).
+        job = self.kube.get(JOBS, namespace, names.job_name(name)) if previous else None
+        if job is not None and not _owned_by(job, ftj):
+            if _holds_outcome(job):  # its owner is gone: let the garbage collector finish
+                self.hold_outcome(job, False)
+            job = None  # a same-named Job of a deleted FineTuneJob, still being collected
+        created: tuple[str, ...] = ()
+        blocked: tuple[str, ...] = ()
+        hold: status.Hold | None = None
+        if status.verdict(ftj, job, []).phase == Phase.CANCELLED:
+            job = self.cancel_job(job)  # and create nothing, ever again
+        else:
+            job, created, blocked, hold = self.bring_children(ftj, job, ensure_all=ensure_all)
+        if hold is not None:
+            log.warning("%s/%s: %s: %s", namespace, name, hold.reason, hold.message)
+        pods: list[Obj] = []
+        if job is not None:
+            read.append(job)
+        if job is not None and "Job" not in created:  # a Job created just now has no pod yet
+            selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
+            pods = self.kube.list(PODS, namespace, selector)
+            read += pods
+        desired = status.compute(ftj, job, pods, self.clock(), blocked=blocked, hold=hold)
+        patch = status.patch(previous, desired)
+        deferred = None
+        if patch is not None and desired["phase"] == previous.get("phase"):
+            wait = written + STATUS_BATCH_SECONDS - self.monotonic()
+            deferred, patch = (wait, None) if wait > 0 else (None, patch)
+        if patch is not None:
+            ftj = self.kube.patch(FINETUNEJOBS, namespace, name, {"status": patch}, "status")
+            read.append(ftj)
+        if job is not None:
+            # Only now that the status holds the outcome may the Job's TTL remove it.
+            held = self.hold_outcome(job, _outcome_needs_holding(job, desired["phase"]))
+            read += [held] if held is not None else []
+        after = status.Verdict(Phase(desired["phase"]), desired.get("reason", ""), desired.get("message", ""))
+        before = _verdict_of(previous)
+        if deferred is not None and before is not None:
+            after = before  # what the status says until the deferred write
+        return Outcome(ftj, before, after, patch is not None, created, blocked, hold, deferred)

@@ -24,6 +24,9 @@ ANNOTATIONS_PREFIX = GROUP
 #: Peering priorities are drawn at random from this range, so that two replicas never tie
 #: (kopf pauses every operator when priorities tie).
 PRIORITY_RANGE = (1, 2**31 - 1)
+#: Threads that run syncs (each one request at a time): kopf's pool for the sweep handlers, the
+#: operator's own for the FineTuneJob handlers, and the API client's connection pool size.
+SYNC_WORKERS = 16
 
 
 class ConfigError(ValueError):
@@ -153,7 +156,11 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     # ("Handler ... succeeded") stays in the log. Phase transitions are posted by the handlers.
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"
-    settings.execution.max_workers = 8
+    # Events are posted by as many workers as there are sync threads, not one per object at once:
+    # a burst of new FineTuneJobs would otherwise open a TLS connection per Event (kopf's client
+    # has no connection limit), each with its own 256 KiB buffer kept while it idles.
+    settings.posting.worker_limit = SYNC_WORKERS
+    settings.execution.max_workers = SYNC_WORKERS
     settings.queueing.error_delays = (1, 2, 5, 10, 20, 30, 60)
     # Two replicas: peering pauses all but the highest-priority live one.
     # A configured peering is mandatory: without its object the operator fails instead of

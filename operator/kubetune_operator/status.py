@@ -305,8 +305,15 @@ def verdict(
 
 
 def _attempts(job: Body) -> int:
+    """Pods the Job has run: counted, active, and finished but not yet counted (the Job controller
+    lists a finished pod in ``uncountedTerminatedPods`` first, and may mark the Job FailureTarget
+    or SuccessCriteriaMet before it moves the pod to ``failed`` or ``succeeded``)."""
     status = job.get("status", {})
-    return int(status.get("failed") or 0) + int(status.get("succeeded") or 0) + int(status.get("active") or 0)
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    counted = (
+        int(status.get("failed") or 0) + int(status.get("succeeded") or 0) + int(status.get("active") or 0)
+    )
+    return counted + len(uncounted.get("failed") or []) + len(uncounted.get("succeeded") or [])
 
 
 def _condition_true(status: Mapping[str, Any], kind: str) -> bool:

@@ -11,15 +11,12 @@ own sampler seed (``seed`` and the number), so the same history always asks for 
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import json
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
-
-import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState as OptunaState
+from typing import TYPE_CHECKING, Any, Final
 
 from kubetune_api import coordinates
 from kubetune_api.status import rfc3339
@@ -37,6 +34,11 @@ from kubetune_api.sweep_reasons import (
     SweepReason,
     TrialState,
 )
+
+if TYPE_CHECKING:  # Optuna (and numpy under it) is imported by the first sweep, not at start-up:
+    # an operator that serves no sweep stays about 20 MB smaller.
+    import optuna
+    from optuna.distributions import BaseDistribution
 
 Obj = dict[str, Any]
 Body = Mapping[str, Any]
@@ -67,7 +69,12 @@ STATUS_FIELDS: Final = (
     "conditions",
 )
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+@functools.cache
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def trial_name(sweep_name: str, number: int) -> str:
@@ -200,6 +207,8 @@ def observe(sweep: Body, ftjs: Sequence[Body], metric: str) -> list[Obj]:
 
 
 def distributions(spec: FineTuneSweepSpec) -> dict[str, BaseDistribution]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
     out: dict[str, BaseDistribution] = {}
     for p in spec.search_space:
         if p.choices is not None:
@@ -255,6 +264,10 @@ def rebuild_study(
     spec: FineTuneSweepSpec, trials: Sequence[Body], seed: int
 ) -> tuple[optuna.Study, dict[str, optuna.Trial]]:
     """The study of these trial records, in memory; and the running trials, asked and reported."""
+    import optuna
+    from optuna.trial import TrialState as OptunaState
+
+    _quiet_optuna()
     sampler: optuna.samplers.BaseSampler = (
         optuna.samplers.RandomSampler(seed=seed)
         if spec.sampler == "random"

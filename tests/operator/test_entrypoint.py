@@ -127,7 +127,7 @@ def test_two_replicas_share_one_peering(
     harness.wait_phase("first", "Pending")
     assert len(harness.kube.list(JOBS, harness.namespace, "kubetune.dev/finetunejob=first")) == 1
     harness.wait_for(
-        "the leader's create handler", lambda: "'finetunejob_create' succeeded" in leader.output()
+        "the leader's FineTuneJob handler", lambda: "'finetunejob_event' succeeded" in leader.output()
     )
     assert "finetunejob" not in follower.output()  # paused: the higher priority serves
 

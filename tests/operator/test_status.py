@@ -144,6 +144,19 @@ def test_condition_reasons_fit_the_api_pattern(reason: str, expected: str) -> No
     assert status.condition_reason(reason, "Failed") == expected
 
 
+def test_a_failed_pod_not_yet_counted_by_the_job_is_an_attempt(make_ftj: Any) -> None:
+    """FailureTarget comes with the pod in uncountedTerminatedPods, before status.failed counts it."""
+    ftj = make_ftj()
+    pod = _pod("Failed", terminated=_terminated(42, "Error", "record 3: 'messages' is missing"))
+    job = _job(
+        ftj,
+        uncountedTerminatedPods={"failed": ["pod-uid"]},
+        conditions=[_cond("FailureTarget", "PodFailurePolicy", "exit code 42")],
+    )
+    result = status.compute(ftj, job, [pod], NOW)
+    assert (result["phase"], result["reason"], result["attempts"]) == ("Failed", "InvalidDataset", 1)
+
+
 def test_retry_after_oom_mentions_the_previous_failure(make_ftj: Any) -> None:
     ftj = make_ftj()
     first = _pod("Failed", "2025-06-01T11:00:00Z", terminated=_terminated(137, "OOMKilled"))
