@@ -172,8 +172,23 @@ def enable_audit_log(env: LocalEnv, directory: Path) -> Path:
 
 
 def audit_offset(log: Path) -> int:
-    """Where the audit log ends now: pass two of these to :func:`audit_counts`."""
-    return log.stat().st_size if log.exists() else 0
+    """Where the audit log's last complete line ends now: pass two of these to :func:`audit_counts`.
+
+    The API server writes the log while it is read: its last line may be half written.
+    """
+    if not log.exists():
+        return 0
+    with log.open("rb") as f:
+        end = f.seek(0, 2)
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            end = start
+    return 0
 
 
 def audit_counts(log: Path, start: int, end: int) -> dict[str, Counter[tuple[str, str]]]:
