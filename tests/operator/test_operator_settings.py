@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import kopf
 import pytest
 
@@ -10,6 +12,7 @@ from kubetune_operator.settings import (
     DEFAULT_TRAINER_IMAGE,
     ConfigError,
     OperatorConfig,
+    SweepDiffBaseStorage,
     configure,
     from_env,
     kopf_run_kwargs,
@@ -77,7 +80,7 @@ def test_hardened_kopf_settings() -> None:
     assert (watching.server_timeout, watching.client_timeout, watching.connect_timeout) == (300, 330, 10)
     assert (settings.networking.request_timeout, settings.networking.connect_timeout) == (30, 10)
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
-    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert isinstance(settings.persistence.diffbase_storage, SweepDiffBaseStorage)
     assert set(settings.watching.label_selectors.values()) == {names.CHILD_SELECTOR}
     assert (settings.peering.name, settings.peering.priority) == ("kubetune", 7)
     assert settings.peering.mandatory
@@ -92,3 +95,19 @@ def test_replicas_draw_distinct_priorities() -> None:
         configure(settings, OperatorConfig(peering="kubetune"))
         priorities.add(settings.peering.priority)
     assert len(priorities) > 1
+
+
+def test_kopf_copies_only_sweeps_for_their_change_handlers() -> None:
+    """kopf builds an essence of every event's body for create/update handlers: FineTuneSweeps only."""
+    storage = SweepDiffBaseStorage(prefix="kubetune.dev", key="last-handled-configuration")
+    stored = '{"spec": {"maxTrials": 2}}'
+    meta = {"name": "x", "annotations": {"kubetune.dev/last-handled-configuration": stored}}
+    for kind in ("FineTuneJob", "Job", "Pod"):
+        body = kopf.Body(cast(kopf.RawBody, {"kind": kind, "metadata": meta, "spec": {"a": 1}}))
+        assert storage.build(body=body) == {}
+        assert storage.fetch(body=body) is None
+    sweep = kopf.Body(
+        cast(kopf.RawBody, {"kind": "FineTuneSweep", "metadata": meta, "spec": {"maxTrials": 3}})
+    )
+    assert storage.build(body=sweep)["spec"] == {"maxTrials": 3}
+    assert storage.fetch(body=sweep) == {"spec": {"maxTrials": 2}}
