@@ -115,6 +115,10 @@ def load_configuration(kubeconfig: str | Path | None = None) -> k8s_client.Confi
     return configuration
 
 
+#: Kept connections to the API server.
+POOL_CONNECTIONS = 32
+
+
 class Kube:
     """GET/POST/PATCH/DELETE/WATCH of plain dicts against one API server."""
 
@@ -137,12 +141,13 @@ class Kube:
         }
         if getattr(configuration, "tls_server_name", None):
             tls["server_hostname"] = configuration.tls_server_name
-        # As many kept connections as the operator has sync threads (settings.SYNC_WORKERS):
-        # a request beyond them would open, and then drop, a TLS connection of its own.
+        # As many kept connections as the operator has threads making requests (settings.SYNC_WORKERS
+        # and reconcile.PREREQUISITE_WORKERS): a request beyond them would open, and then drop, a
+        # TLS connection of its own.
         self._pool: urllib3.PoolManager = (
-            urllib3.ProxyManager(configuration.proxy, num_pools=4, maxsize=16, **tls)
+            urllib3.ProxyManager(configuration.proxy, num_pools=4, maxsize=POOL_CONNECTIONS, **tls)
             if configuration.proxy
-            else urllib3.PoolManager(num_pools=4, maxsize=16, **tls)
+            else urllib3.PoolManager(num_pools=4, maxsize=POOL_CONNECTIONS, **tls)
         )
 
     @classmethod
