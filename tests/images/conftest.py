@@ -2,8 +2,10 @@
 
 They run with ``make test-images`` (``pytest -m images tests/images``), not in ``make test``:
 a plain ``pytest`` run skips them, and so does a machine without crun or without the images
-(with the reason). The images are found through ``KUBETUNE_IMAGE_STORE``, else
-``~/.cache/kubetune/images/current`` (the link ``hack/build-images.sh`` leaves).
+(with the reason), unless ``KUBETUNE_IMAGE_TESTS=required`` (``.ci/run`` sets it after
+``make images``): then what would skip them fails the run instead. The images are found through
+``KUBETUNE_IMAGE_STORE``, else ``~/.cache/kubetune/images/current`` (the link
+``hack/build-images.sh`` leaves).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -46,6 +49,18 @@ def stale_api() -> str | None:
     return None
 
 
+def images_required() -> bool:
+    """CI built the images: an image test that cannot run is a failure, not a skip."""
+    return os.environ.get("KUBETUNE_IMAGE_TESTS", "") == "required"
+
+
+def unavailable(why: str) -> NoReturn:
+    """Skip the image test that cannot run here, or fail it where the images are required."""
+    if images_required():
+        pytest.fail(f"KUBETUNE_IMAGE_TESTS=required, but {why}", pytrace=False)
+    pytest.skip(why)
+
+
 def missing_images() -> str | None:
     """Why the image tests cannot run here, or None."""
     if shutil.which("crun") is None:
@@ -72,5 +87,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if not selected:
             item.add_marker(pytest.mark.skip(reason="image tests run with make test-images (-m images)"))
+        elif why is not None and images_required():
+            raise pytest.UsageError(f"KUBETUNE_IMAGE_TESTS=required, but {why}")
         elif why is not None:
             item.add_marker(pytest.mark.skip(reason=why))

@@ -27,7 +27,7 @@ from kubetune_localenv.agents import agent_state_dir, start_agent
 from kubetune_localenv.cluster import LocalEnv, pick_port
 from kubetune_nodeagent.imagestore import ImageStore
 
-from .conftest import OPERATOR_IMAGE, TRAINER_IMAGE, image_store_dir, stale_api
+from .conftest import OPERATOR_IMAGE, TRAINER_IMAGE, image_store_dir, stale_api, unavailable
 
 pytestmark = [pytest.mark.images, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
@@ -76,7 +76,7 @@ def install_chart(env: LocalEnv) -> None:
 def chart_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
     stale = stale_api()
     if stale is not None:
-        pytest.skip(stale)
+        unavailable(stale)
     env = LocalEnv(tmp_path_factory.mktemp("images-e2e"))
     oci = ["--runtime=oci", f"--image-store={image_store_dir()}", "--restart-backoff=2"]
     env.extra_start.append(lambda e: start_agent(e, node_name=NODE, gpus=0, extra_args=oci))
