@@ -500,6 +500,21 @@ class LocalEnv:
             raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc.stdout
 
+    def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
+        """Wait until every named CRD is Established.
+
+        Polled, not ``kubectl wait --for=condition=Established``: on a CRD whose status has no
+        conditions yet, that can fail at once ("status.conditions accessor error: <nil> is of the
+        type <nil>") instead of waiting, a flake right after the CRD is applied.
+        """
+        deadline = time.monotonic() + timeout
+        established = '{.status.conditions[?(@.type=="Established")].status}'
+        for crd in crds:
+            while self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={established}", check=False) != "True":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"CRD {crd} is not Established after {timeout:.0f} s")
+                time.sleep(0.2)
+
     def env(self) -> dict[str, str]:
         """Environment variables a client process needs (KUBECONFIG and AWS_*)."""
         env = {"KUBECONFIG": str(self.kubeconfig)}

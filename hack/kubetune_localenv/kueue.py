@@ -82,9 +82,7 @@ def install_crds(env: LocalEnv, timeout: float = 60.0) -> list[str]:
         args += ["-f", str(path)]
     env.kubectl(*args)
     names = crd_names(files)
-    env.kubectl(
-        "wait", "--for=condition=Established", f"--timeout={timeout:.0f}s", *[f"crd/{n}" for n in names]
-    )
+    env.wait_established(*names, timeout=timeout)
     return names
 
 

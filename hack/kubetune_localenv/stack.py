@@ -113,7 +113,7 @@ def install_crd(env: LocalEnv) -> None:
     CRD created after it started only once its observer notices it (trials were lost for a minute)."""
     for path, name in ((CRD_FILE, coordinates.CRD_NAME), (SWEEP_CRD_FILE, sweep.CRD_NAME)):
         env.kubectl("apply", "--server-side", "-f", str(path))
-        env.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        env.wait_established(name)
 
 
 def s3_client(env: LocalEnv) -> Any:

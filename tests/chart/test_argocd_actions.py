@@ -155,7 +155,7 @@ def test_the_action_results_are_what_the_api_server_takes(local_env: Any, namesp
     from kubetune_operator.kube import FINETUNEJOBS, Kube, KubeError
 
     local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / CRD_FILE))
-    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{coordinates.CRD_NAME}")
+    local_env.wait_established(coordinates.CRD_NAME)
     kube = Kube.connect(local_env.kubeconfig)
     spec = {
         "model": {"source": "s3://models/tiny-llama"},

@@ -61,7 +61,7 @@ def test_custom_resource_create_read_watch_and_status(
     from kubernetes import client, watch
 
     local_env.kubectl("apply", "-f", "-", input=json.dumps(WIDGET_CRD))
-    local_env.kubectl("wait", "--for=condition=Established", "crd/widgets.test.kubetune.dev", "--timeout=60s")
+    local_env.wait_established("widgets.test.kubetune.dev")
     custom = client.CustomObjectsApi(kube_api)
     args = ("test.kubetune.dev", "v1", namespace, "widgets")
     body: dict[str, Any] = {"apiVersion": "test.kubetune.dev/v1", "kind": "Widget"}

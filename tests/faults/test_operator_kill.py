@@ -859,7 +859,7 @@ def test_a_killed_replica_is_replaced_by_its_peer_within_the_peering_lifetime(
     namespace = fault_namespace
     kube = Kube.connect(local_env.kubeconfig)
     local_env.kubectl("apply", "--server-side", "-f", str(CRDS / "kopf.dev_kopfpeerings.yaml"))
-    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev")
+    local_env.wait_established("kopfpeerings.kopf.dev")
     peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kubetune"}}
     kube.request("POST", KOPF_PEERINGS.path(namespace), body=peering)
     serving = operators("serving", KUBETUNE_PEERING="kubetune", KUBETUNE_PEERING_PRIORITY="200")

@@ -38,7 +38,7 @@ DRY_RUN = {"dryRun": "All", "fieldValidation": "Strict"}
 def kube(local_env: Any) -> Iterator[Kube]:
     """A client of the session's API server, with the CRD installed and Established."""
     local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / CRD_FILE))
-    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{coordinates.CRD_NAME}")
+    local_env.wait_established(coordinates.CRD_NAME)
     client = Kube.connect(local_env.kubeconfig)
     yield client
     client.close()

@@ -96,7 +96,7 @@ def make_ftj(crd: Obj) -> MakeFtj:
 def crd_installed(local_env: Any) -> Obj:
     """The CRD applied to the session's API server and Established."""
     local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{coordinates.CRD_NAME}")
+    local_env.wait_established(coordinates.CRD_NAME)
     return load_crd()
 
 

@@ -111,7 +111,7 @@ def test_two_replicas_share_one_peering(
 ) -> None:
     for name in ("kopf.dev_kopfpeerings.yaml", "kopf.dev_clusterkopfpeerings.yaml"):
         local_env.kubectl("apply", "--server-side", "-f", str(CRDS / name))
-    local_env.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev")
+    local_env.wait_established("kopfpeerings.kopf.dev")
     peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kubetune"}}
     harness.kube.request("POST", KOPF_PEERINGS.path(harness.namespace), body=peering)
     leader = start_replica(KUBETUNE_PEERING="kubetune", KUBETUNE_PEERING_PRIORITY="200")

@@ -58,9 +58,7 @@ def landscape(lr: float) -> float:
 @pytest.fixture(scope="module")
 def sweep_crd(local_env: Any, crd_installed: Obj, kube: Any) -> None:
     local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / SWEEP_CRD_FILE))
-    local_env.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/finetunesweeps.kubetune.dev"
-    )
+    local_env.wait_established("finetunesweeps.kubetune.dev")
 
     def serving() -> bool:
         # A fresh API server answers 429 until its priority-and-fairness config is in place.

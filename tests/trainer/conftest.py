@@ -132,7 +132,7 @@ def finetunejob(local_env: Any, kube_api: Any, namespace: str) -> JobRef:
     from kubernetes import client
 
     local_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    local_env.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
+    local_env.wait_established("finetunejobs.kubetune.dev")
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
