@@ -16,7 +16,7 @@ UV := $(PYTHON) -m uv
 UV_DIR = $$($(PYTHON) -c 'import os, uv; print(os.path.dirname(uv.find_uv_bin()))')
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
-# make bench: FineTuneJobs per scale-benchmark run (about 1.5 min each on 2 cores at 100; the full
+# make bench: FineTuneJobs per scale-benchmark run (all of make bench took 3 min 37 s on 2 cores at 100; the full
 # size is BENCH_JOBS=1000, about 5 min a mode) and the steady mode's rate per second.
 BENCH_JOBS ?= 100
 BENCH_RATE ?= 10

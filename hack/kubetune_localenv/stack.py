@@ -13,7 +13,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,21 +76,24 @@ def helm(env: LocalEnv, *args: str) -> str:
     return proc.stdout
 
 
-def install_with_helm(env: LocalEnv, namespace: str = "kubetune-system") -> str:
+def install_with_helm(
+    env: LocalEnv, namespace: str = "kubetune-system", values: Mapping[str, Any] | None = None
+) -> str:
     """``helm install`` the chart: CRDs, RBAC and the operator Deployment, whose pod the node
     agent runs (image ghcr.io/kubetune/operator maps to this repo's environment).
 
     One replica, and its metrics/health endpoints on free loopback ports: on this machine pods
-    share the host's network.
+    share the host's network. ``values``: more chart values on top (e.g. the images' tags).
     """
-    values = {
+    chart_values = {
         "replicaCount": 1,
         "metrics": {"port": pick_port(), "service": {"enabled": False}},
         "health": {"port": pick_port()},
         "extraEnv": [{"name": "KUBETUNE_BIND_ADDRESS", "value": "127.0.0.1"}],
+        **(values or {}),
     }
-    values_file = env.state_dir / "demo-values.json"
-    values_file.write_text(json.dumps(values))
+    values_file = env.state_dir / f"values-{namespace}.json"
+    values_file.write_text(json.dumps(chart_values))
     out = helm(
         env,
         "install",

@@ -24,7 +24,7 @@ import pytest
 
 from kubetune_localenv import stack
 from kubetune_localenv.agents import agent_state_dir, start_agent
-from kubetune_localenv.cluster import LocalEnv, pick_port
+from kubetune_localenv.cluster import LocalEnv
 from kubetune_nodeagent.imagestore import ImageStore
 
 from .conftest import OPERATOR_IMAGE, TRAINER_IMAGE, image_store_dir, stale_api, unavailable
@@ -52,24 +52,15 @@ def restricted_namespace(env: LocalEnv, name: str) -> None:
 
 
 def install_chart(env: LocalEnv) -> None:
-    """``helm install`` with the built images' tags; one replica on free loopback ports (pods
-    share the host's network here)."""
+    """``helm install`` with the built images' tags, into a restricted namespace."""
     operator_repo, operator_tag = OPERATOR_IMAGE.rsplit(":", 1)
     trainer_repo, trainer_tag = TRAINER_IMAGE.rsplit(":", 1)
-    values = {
+    images = {
         "image": {"repository": operator_repo, "tag": operator_tag},
         "trainer": {"image": {"repository": trainer_repo, "tag": trainer_tag}},
-        "replicaCount": 1,
-        "metrics": {"port": pick_port(), "service": {"enabled": False}},
-        "health": {"port": pick_port()},
-        "extraEnv": [{"name": "KUBETUNE_BIND_ADDRESS", "value": "127.0.0.1"}],
     }
-    values_file = env.state_dir / "images-e2e-values.json"
-    values_file.write_text(json.dumps(values))
     restricted_namespace(env, OPERATOR_NAMESPACE)
-    chart = str(stack.CHART_DIR)
-    args = ["--namespace", OPERATOR_NAMESPACE, "--values", str(values_file), "--wait", "--timeout", "5m"]
-    stack.helm(env, "install", "kubetune", chart, *args)
+    stack.install_with_helm(env, OPERATOR_NAMESPACE, values=images)
 
 
 @pytest.fixture(scope="module")
